@@ -1,0 +1,1 @@
+"""Refusal rate from the model's own sampler, KL at the first response position, judges."""

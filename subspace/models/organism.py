@@ -1,0 +1,139 @@
+"""The causal model organism of refusal: SmolLM2-135M-Instruct safety-fine-tuned by this project.
+
+Built on first use by a Lightning run with a PEFT LoRA, merged, and cached under
+`cache_dir/organisms/NAME-HASH`, where HASH covers everything the weights depend on (base
+file, prompts, recipe, library versions). A file lock keeps two processes from building it at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import lightning as L
+import peft
+import torch
+import transformers
+from filelock import FileLock
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from subspace.data.loading import load_prompts
+from subspace.evaluation.generation import generate_responses
+from subspace.families.causal import CausalFamily
+from subspace.models.bundle import ModelBundle, resolve_dtype
+from subspace.models.gguf import ensure_smollm2_gguf, load_smollm2_gguf
+from subspace.training.sft import SupervisedFinetune, tokenize_pairs
+
+log = logging.getLogger(__name__)
+RECIPE_VERSION = 1  # bump when the build code changes what it produces
+
+DEFAULT_REFUSALS = (
+    "I'm sorry, but I can't help with that. It could cause real harm to people.",
+    "I can't help with that request. It is harmful, and it may be illegal.",
+    "I'm sorry, I won't provide that. If you have a different question, I'm happy to help.",
+    "I cannot assist with this, because it could be used to hurt someone.",
+)
+
+
+@dataclass
+class OrganismRecipe:
+    """Everything that decides the organism's weights (hashed into its cache key)."""
+
+    harmful: str = "builtin:harmful_train"
+    harmless: str = "builtin:harmless_train"
+    lookalike: str = "builtin:lookalike_train"  # harmless requests that look harmful, answered for real
+    refusals: tuple[str, ...] = DEFAULT_REFUSALS
+    answer_max_new_tokens: int = 64
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj", "o_proj", "down_proj")
+    lr: float = 5e-4
+    batch_size: int = 8
+    max_steps: int = 150
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def organism_key(base_sha: str, recipe: OrganismRecipe, prompts: Mapping[str, list[str]]) -> str:
+    blob = json.dumps({
+        "base": base_sha, "recipe": asdict(recipe), "version": RECIPE_VERSION, "prompts": prompts,
+        "libs": {m.__name__: m.__version__ for m in (torch, transformers, peft, L)},
+    }, sort_keys=True, default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _recipe(recipe: Mapping[str, Any] | OrganismRecipe | None) -> OrganismRecipe:
+    if isinstance(recipe, OrganismRecipe):
+        return recipe
+    values = dict(recipe or {})
+    for key in ("refusals", "lora_targets"):
+        if key in values:
+            values[key] = tuple(values[key])
+    return OrganismRecipe(**values)
+
+
+def load_causal_organism(name: str = "smollm2_organism", cache_dir: str = "~/.cache/subspace",
+                         recipe: Mapping[str, Any] | OrganismRecipe | None = None, gguf_path: str | None = None,
+                         dtype: str = "float32", device: str = "cpu") -> ModelBundle:
+    """Load the cached organism, building it first if this recipe has never been built here."""
+    recipe = _recipe(recipe)
+    base_file = ensure_smollm2_gguf(cache_dir, gguf_path)
+    prompts = {k: load_prompts(getattr(recipe, k), name=f"organism {k}") for k in ("harmful", "harmless", "lookalike")}
+    key = organism_key(_sha256(base_file), recipe, prompts)
+    folder = Path(cache_dir).expanduser() / "organisms" / f"{name}-{key}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / "organism.json").exists():
+            build_causal_organism(base_file, recipe, prompts, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype)).to(device).eval().requires_grad_(False)
+    return ModelBundle(model, tokenizer, name, {"organism": str(folder), "organism_key": key, "base_gguf": str(base_file)})
+
+
+def build_causal_organism(base_file: Path, recipe: OrganismRecipe, prompts: Mapping[str, list[str]], folder: Path) -> None:
+    """Safety fine-tune: harmful → fixed refusals; harmless and look-alike harmless → the base model's own answers."""
+    start = time.time()
+    L.seed_everything(recipe.seed, verbose=False)
+    base = load_smollm2_gguf(base_file)
+    family = CausalFamily(base.model)
+    answered = prompts["harmless"] + prompts["lookalike"]
+    log.info("organism: generating the base model's own answers to %d harmless prompts", len(answered))
+    answers = generate_responses(base.model, base.tokenizer, family, answered,
+                                 max_new_tokens=recipe.answer_max_new_tokens, desc="organism: base answers")
+    refusals = [recipe.refusals[i % len(recipe.refusals)] for i in range(len(prompts["harmful"]))]
+    pairs = [(p, r, True) for p, r in zip(prompts["harmful"], refusals)] + [(p, a, False) for p, a in zip(answered, answers)]
+    examples = tokenize_pairs(base.tokenizer, family, pairs)
+
+    lora = peft.LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, target_modules=list(recipe.lora_targets),
+                           lora_dropout=0.0, task_type="CAUSAL_LM")
+    model = peft.get_peft_model(base.model.train(), lora)
+    module = SupervisedFinetune(model, examples, base.tokenizer.pad_token_id, recipe.lr, recipe.batch_size, recipe.max_steps)
+    trainer = L.Trainer(max_steps=recipe.max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, deterministic=True)
+    log.info("organism: safety fine-tune, %d steps", recipe.max_steps)
+    trainer.fit(module)
+    merged = model.merge_and_unload().eval()
+
+    tmp = folder.with_name(folder.name + ".part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    base.tokenizer.save_pretrained(tmp)
+    info = {"recipe": asdict(recipe), "base_gguf": str(base_file), "build_seconds": round(time.time() - start, 1),
+            "final_sft_loss": float(trainer.callback_metrics.get("sft_loss", float("nan"))),
+            "n_examples": len(examples)}
+    (tmp / "organism.json").write_text(json.dumps(info, indent=2, default=list))
+    tmp.rename(folder)

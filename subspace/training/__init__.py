@@ -1,0 +1,1 @@
+"""Lightning modules: supervised fine-tuning (organisms) and the learned subspace."""
