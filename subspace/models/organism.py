@@ -10,11 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import lightning as L
 import peft
@@ -28,7 +27,9 @@ from subspace.evaluation.generation import generate_responses
 from subspace.families.causal import CausalFamily
 from subspace.models.bundle import ModelBundle, resolve_dtype
 from subspace.models.gguf import ensure_smollm2_gguf, load_smollm2_gguf
+from subspace.models.tiny import tiny_random_causal
 from subspace.training.sft import SupervisedFinetune, tokenize_pairs
+from subspace.utils.io import atomic_dir
 
 log = logging.getLogger(__name__)
 RECIPE_VERSION = 1  # bump when the build code changes what it produces
@@ -68,9 +69,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def organism_key(base_sha: str, recipe: OrganismRecipe, prompts: Mapping[str, list[str]]) -> str:
+def organism_key(base: dict, recipe: OrganismRecipe, prompts: Mapping[str, list[str]]) -> str:
     blob = json.dumps({
-        "base": base_sha, "recipe": asdict(recipe), "version": RECIPE_VERSION, "prompts": prompts,
+        "base": base, "recipe": asdict(recipe), "version": RECIPE_VERSION, "prompts": prompts,
         "libs": {m.__name__: m.__version__ for m in (torch, transformers, peft, L)},
     }, sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -86,29 +87,42 @@ def _recipe(recipe: Mapping[str, Any] | OrganismRecipe | None) -> OrganismRecipe
     return OrganismRecipe(**values)
 
 
+def base_model(base: str, cache_dir: str, gguf_path: str | None, base_kwargs: Mapping[str, Any]
+               ) -> tuple[dict, Callable[[], ModelBundle]]:
+    """(fingerprint, loader) of the organism's base: the shipped SmolLM2 GGUF or a tiny random Llama (tests)."""
+    if base == "smollm2_gguf":
+        path = ensure_smollm2_gguf(cache_dir, gguf_path)
+        return {"gguf_sha256": _sha256(path)}, lambda: load_smollm2_gguf(path)
+    if base == "tiny_random":
+        return {"tiny_random": dict(base_kwargs)}, lambda: tiny_random_causal(**base_kwargs)
+    raise ValueError(f"model.base={base!r} is not one of ['smollm2_gguf', 'tiny_random']")
+
+
 def load_causal_organism(name: str = "smollm2_organism", cache_dir: str = "~/.cache/subspace",
-                         recipe: Mapping[str, Any] | OrganismRecipe | None = None, gguf_path: str | None = None,
+                         recipe: Mapping[str, Any] | OrganismRecipe | None = None, base: str = "smollm2_gguf",
+                         gguf_path: str | None = None, base_kwargs: Mapping[str, Any] | None = None,
                          dtype: str = "float32", device: str = "cpu") -> ModelBundle:
     """Load the cached organism, building it first if this recipe has never been built here."""
     recipe = _recipe(recipe)
-    base_file = ensure_smollm2_gguf(cache_dir, gguf_path)
+    fingerprint, load_base = base_model(base, cache_dir, gguf_path, base_kwargs or {})
     prompts = {k: load_prompts(getattr(recipe, k), name=f"organism {k}") for k in ("harmful", "harmless", "lookalike")}
-    key = organism_key(_sha256(base_file), recipe, prompts)
+    key = organism_key(fingerprint, recipe, prompts)
     folder = Path(cache_dir).expanduser() / "organisms" / f"{name}-{key}"
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
         if not (folder / "organism.json").exists():
-            build_causal_organism(base_file, recipe, prompts, folder)
+            build_causal_organism(load_base, recipe, prompts, folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype)).to(device).eval().requires_grad_(False)
-    return ModelBundle(model, tokenizer, name, {"organism": str(folder), "organism_key": key, "base_gguf": str(base_file)})
+    return ModelBundle(model, tokenizer, name, {"organism": str(folder), "organism_key": key, "base": fingerprint})
 
 
-def build_causal_organism(base_file: Path, recipe: OrganismRecipe, prompts: Mapping[str, list[str]], folder: Path) -> None:
+def build_causal_organism(load_base: Callable[[], ModelBundle], recipe: OrganismRecipe,
+                          prompts: Mapping[str, list[str]], folder: Path) -> None:
     """Safety fine-tune: harmful → fixed refusals; harmless and look-alike harmless → the base model's own answers."""
     start = time.time()
     L.seed_everything(recipe.seed, verbose=False)
-    base = load_smollm2_gguf(base_file)
+    base = load_base()
     family = CausalFamily(base.model)
     answered = prompts["harmless"] + prompts["lookalike"]
     log.info("organism: generating the base model's own answers to %d harmless prompts", len(answered))
@@ -122,18 +136,16 @@ def build_causal_organism(base_file: Path, recipe: OrganismRecipe, prompts: Mapp
                            lora_dropout=0.0, task_type="CAUSAL_LM")
     model = peft.get_peft_model(base.model.train(), lora)
     module = SupervisedFinetune(model, examples, base.tokenizer.pad_token_id, recipe.lr, recipe.batch_size, recipe.max_steps)
-    trainer = L.Trainer(max_steps=recipe.max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_steps=recipe.max_steps, accelerator="cpu", max_epochs=-1, logger=False, enable_checkpointing=False,
                         enable_model_summary=False, deterministic=True)
     log.info("organism: safety fine-tune, %d steps", recipe.max_steps)
     trainer.fit(module)
     merged = model.merge_and_unload().eval()
 
-    tmp = folder.with_name(folder.name + ".part")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    base.tokenizer.save_pretrained(tmp)
-    info = {"recipe": asdict(recipe), "base_gguf": str(base_file), "build_seconds": round(time.time() - start, 1),
+    info = {"recipe": asdict(recipe), "base": base.source, "build_seconds": round(time.time() - start, 1),
             "final_sft_loss": float(trainer.callback_metrics.get("sft_loss", float("nan"))),
             "n_examples": len(examples)}
-    (tmp / "organism.json").write_text(json.dumps(info, indent=2, default=list))
-    tmp.rename(folder)
+    with atomic_dir(folder) as tmp:
+        merged.save_pretrained(tmp)
+        base.tokenizer.save_pretrained(tmp)
+        (tmp / "organism.json").write_text(json.dumps(info, indent=2, default=list))

@@ -1,0 +1,5 @@
+"""Lightning callbacks for subspace runs."""
+
+from callbacks.subspace_monitor import SubspaceMonitor
+
+__all__ = ["SubspaceMonitor"]

@@ -1,0 +1,35 @@
+"""OmegaConf resolvers used by `conf/`: where the project and the public prompt splits live."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """`$SUBSPACE_SHARED_DATA`, else `../shared/data` beside the project (the public splits, never copied in)."""
+    return Path(os.environ.get("SUBSPACE_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def shared_or(relative: str, fallback: str) -> str:
+    """The public split `relative` when the shared data folder exists, else the project's own `fallback` set.
+
+    The choice is logged and recorded in metrics.json (data sources), never silent.
+    """
+    path = shared_data_dir() / relative
+    if path.exists():
+        return str(path)
+    log.warning("public split %s not found; using the project's own set %s", path, fallback)
+    return fallback
+
+
+def register_resolvers() -> None:
+    for name, fn in (("repo_root", lambda: str(REPO_ROOT)), ("shared_or", shared_or)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)

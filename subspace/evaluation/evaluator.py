@@ -1,0 +1,79 @@
+"""Before/after evaluation of an edit with the model's own sampler and the first-token KL."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from subspace.evaluation.generation import generate_responses
+from subspace.evaluation.judges import MarkerJudge, RefusalJudge
+from subspace.evaluation.metrics import FirstTokenKL, RefusalRate
+from subspace.families.causal import CausalFamily
+from subspace.interventions.edit import ProjectionEdit
+from subspace.models.bundle import ModelBundle
+from subspace.objectives.losses import first_token_logprobs
+
+
+@dataclass
+class Evaluator:
+    """Everything about how a model is judged: sampler settings, judge, batch sizes."""
+
+    bundle: ModelBundle
+    family: CausalFamily
+    judge: RefusalJudge = MarkerJudge()
+    max_new_tokens: int = 48
+    batch_size: int = 16
+    system_prompt: str | None = None
+    progress: bool = True
+
+    def _edited(self, edit: ProjectionEdit | None):
+        return edit.applied(self.bundle.model) if edit is not None else nullcontext()
+
+    def responses(self, prompts: Sequence[str], edit: ProjectionEdit | None = None, desc: str = "generating",
+                  max_new_tokens: int | None = None) -> list[str]:
+        with self._edited(edit):
+            return generate_responses(self.bundle.model, self.bundle.tokenizer, self.family, prompts,
+                                      max_new_tokens=max_new_tokens or self.max_new_tokens, batch_size=self.batch_size,
+                                      system_prompt=self.system_prompt, desc=desc, progress=self.progress)
+
+    def refusals(self, prompts: Sequence[str], edit: ProjectionEdit | None = None, desc: str = "generating",
+                 max_new_tokens: int | None = None) -> tuple[float, list[str], list[bool]]:
+        """(refusal rate, responses, per-prompt refusal flags)."""
+        texts = self.responses(prompts, edit, desc, max_new_tokens)
+        flags = [self.judge.is_refusal(p, r) for p, r in zip(prompts, texts)]
+        metric = RefusalRate()
+        metric.update(torch.tensor(flags))
+        return float(metric.compute()), texts, flags
+
+    @torch.no_grad()
+    def logprobs(self, prompts: Sequence[str], edit: ProjectionEdit | None = None) -> Tensor:
+        """First-response-position log-probabilities, [n, vocab] float32."""
+        chunks = []
+        with self._edited(edit):
+            for i in range(0, len(prompts), self.batch_size):
+                batch = self.family.chat_batch(self.bundle.tokenizer, prompts[i: i + self.batch_size], self.system_prompt)
+                chunks.append(first_token_logprobs(self.bundle.model, batch))
+        return torch.cat(chunks)
+
+    def kl(self, prompts: Sequence[str], edit: ProjectionEdit, reference: Tensor | None = None) -> float:
+        reference = self.logprobs(prompts) if reference is None else reference
+        metric = FirstTokenKL()
+        metric.update(reference, self.logprobs(prompts, edit))
+        return float(metric.compute())
+
+    def before_after(self, harmful: Sequence[str], harmless: Sequence[str], edit: ProjectionEdit) -> tuple[dict, list[dict]]:
+        """The report metrics (before and after measured in the same run) and per-prompt samples."""
+        results, samples = {}, []
+        for split, prompts, key in (("harmful", harmful, "refusal_rate"), ("harmless", harmless, "harmless_refusal_rate")):
+            rate_b, text_b, flag_b = self.refusals(prompts, None, f"{split} before")
+            rate_a, text_a, flag_a = self.refusals(prompts, edit, f"{split} after")
+            results[f"{key}_before"], results[f"{key}_after"] = rate_b, rate_a
+            samples += [{"split": split, "prompt": p, "before": b, "after": a, "refused_before": fb, "refused_after": fa}
+                        for p, b, a, fb, fa in zip(prompts, text_b, text_a, flag_b, flag_a)]
+        results["kl"] = self.kl(harmless, edit)
+        results["n_harmful"], results["n_harmless"] = len(harmful), len(harmless)
+        return results, samples

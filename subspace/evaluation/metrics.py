@@ -1,0 +1,46 @@
+"""torchmetrics `Metric`s so the numbers accumulate over batches and devices the standard way."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from subspace.objectives.losses import kl_divergence
+
+
+class RefusalRate(Metric):
+    """Share of responses the judge calls refusals."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("refused", default=torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, flags: Tensor) -> None:
+        flags = torch.as_tensor(flags, dtype=torch.bool)
+        self.refused += flags.sum()
+        self.total += flags.numel()
+
+    def compute(self) -> Tensor:
+        return self.refused.float() / self.total.clamp(min=1)
+
+
+class FirstTokenKL(Metric):
+    """Mean KL(P_original ‖ P_edited) of the next-token distribution at the first response position."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("kl_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, reference_logprobs: Tensor, logprobs: Tensor) -> None:
+        self.kl_sum += kl_divergence(reference_logprobs, logprobs).double() * len(logprobs)
+        self.total += len(logprobs)
+
+    def compute(self) -> Tensor:
+        return (self.kl_sum / self.total.clamp(min=1)).float()

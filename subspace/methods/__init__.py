@@ -1,0 +1,1 @@
+"""Methods turn a model and prompts into a `ProjectionEdit`: difference of means, learned subspace."""

@@ -1,0 +1,34 @@
+"""What every method gets from a run, and what it must return."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import lightning as L
+
+from subspace.data.prompt_sets import PromptSets
+from subspace.evaluation.evaluator import Evaluator
+from subspace.families.causal import CausalFamily
+from subspace.interventions.edit import ProjectionEdit
+from subspace.models.bundle import ModelBundle
+
+
+@dataclass
+class RunContext:
+    bundle: ModelBundle
+    family: CausalFamily
+    data: PromptSets
+    evaluator: Evaluator
+    run_dir: Path
+    make_trainer: Callable[..., L.Trainer] | None = None
+    report: dict[str, Any] = field(default_factory=dict)  # extra numbers a method wants in metrics.json
+
+
+class Method(Protocol):
+    name: str
+
+    def fit(self, ctx: RunContext) -> ProjectionEdit: ...
+
+    def describe(self) -> dict[str, Any]: ...

@@ -1,0 +1,87 @@
+"""The learned subspace method: initialise from difference of means, train with Lightning."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from subspace.data.datamodule import PairedPromptDataModule
+from subspace.interventions.edit import ProjectionEdit
+from subspace.methods.base import RunContext
+from subspace.methods.directions import class_means
+from subspace.objectives.refusal_kl import RefusalKLObjective
+from subspace.training.subspace_module import LearnedSubspace, SubspaceModule
+
+log = logging.getLogger(__name__)
+SCOPES = ("global", "per_layer")
+
+
+@dataclass
+class Subspace:
+    """Learn U (rank k) against refusal + λ·KL; `scope` is one global U or one U per edited layer."""
+
+    objective: RefusalKLObjective
+    rank: int = 4
+    scope: str = "per_layer"
+    layers: Sequence[int] | None = None
+    learn_strength: bool = False
+    lr: float = 1e-2
+    batch_size: int = 8
+    max_length: int | None = 256
+    name: str = "subspace"
+
+    def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise ValueError(f"method.scope={self.scope!r} is not one of {SCOPES}")
+        if self.rank <= 0:
+            raise ValueError(f"method.rank={self.rank} must be a positive integer")
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "rank": self.rank, "scope": self.scope, "kl_weight": self.objective.kl_weight,
+                "lr": self.lr, "layers": list(self.layers) if self.layers is not None else "all",
+                "learn_strength": self.learn_strength}
+
+    def initial_bases(self, differences: torch.Tensor, layers: list[int]) -> torch.Tensor:
+        """Columns of each basis: its own layer's r̂ (per_layer) or the strongest layer's (global), then the
+        next-strongest layers' directions; zero differences (e.g. a constant last token) are skipped and
+        missing columns are random, so the span of difference-of-means is the starting point."""
+        norms = differences.norm(dim=-1)
+        usable = [l for l in torch.argsort(norms, descending=True).tolist() if norms[l] > 1e-6 * norms.max()]
+        heads = [l if l in usable else usable[0] for l in layers] if self.scope == "per_layer" else [usable[0]]
+        generator = torch.Generator().manual_seed(0)
+        bases = []
+        for head in heads:
+            cols = ([head] + [l for l in usable if l != head])[: self.rank]
+            basis = torch.randn(differences.shape[-1], self.rank, generator=generator) * 1e-3
+            basis[:, : len(cols)] += torch.nn.functional.normalize(differences[cols], dim=-1).T
+            bases.append(basis)
+        return torch.stack(bases)
+
+    def fit(self, ctx: RunContext) -> ProjectionEdit:
+        fam, tok = ctx.family, ctx.bundle.tokenizer
+        if self.rank >= fam.hidden_size:
+            raise ValueError(f"method.rank={self.rank} must be < hidden size {fam.hidden_size}")
+        means = class_means(fam, tok, ctx.data["train_harmful"], ctx.data["train_harmless"],
+                            system_prompt=ctx.evaluator.system_prompt)
+        sites = fam.writer_sites(self.layers)
+        layers = sorted({s.layer for s in sites})
+        groups = [layers.index(s.layer) if self.scope == "per_layer" else 0 for s in sites]
+        subspace = LearnedSubspace(self.initial_bases(means.difference, layers), groups,
+                                   self.learn_strength)
+        refusal_ids = self.objective.refusal_token_ids(ctx.evaluator, ctx.data["train_harmful"])
+        ctx.report["refusal_token_ids"] = refusal_ids.tolist()
+        datamodule = PairedPromptDataModule(tok, fam, ctx.data["train_harmful"], ctx.data["train_harmless"],
+                                            self.batch_size, ctx.evaluator.system_prompt, self.max_length)
+        harmless = ctx.data["train_harmless"]
+        reference_batches = [datamodule.collate(harmless[i: i + self.batch_size])
+                             for i in range(0, len(harmless), self.batch_size)]
+        module = SubspaceModule(ctx.bundle.model, [s.name for s in sites], subspace, refusal_ids, reference_batches,
+                                self.objective.kl_weight, self.lr, meta=self.describe())
+        if ctx.make_trainer is None:
+            raise ValueError("method=subspace needs a Lightning trainer (cfg.trainer)")
+        trainer = ctx.make_trainer()
+        trainer.fit(module, datamodule=datamodule)
+        return module.to_edit()

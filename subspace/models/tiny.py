@@ -1,0 +1,56 @@
+"""Tiny random models of the real transformers classes, with a tokenizer trained here: tests need no hub."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from subspace.data.loading import builtin_names, load_prompts
+from subspace.models.bundle import ModelBundle
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<pad>", "<|im_start|>", "<|im_end|>"]
+
+
+@lru_cache(maxsize=4)
+def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on the project's own prompts, with a ChatML chat template."""
+    from subspace.models.organism import DEFAULT_REFUSALS
+
+    corpus = [p for name in builtin_names() for p in load_prompts(f"builtin:{name}")] + list(DEFAULT_REFUSALS)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
+                                   bos_token="<|im_start|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+def tiny_llama(vocab_size: int, hidden_size: int = 64, num_layers: int = 4, seed: int = 0,
+               pad_token_id: int = 0, eos_token_id: int = 2) -> LlamaForCausalLM:
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
+                         bos_token_id=1, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
+def tiny_random_causal(hidden_size: int = 64, num_layers: int = 4, seed: int = 0, vocab_size: int = 512) -> ModelBundle:
+    tokenizer = tiny_tokenizer(vocab_size)
+    model = tiny_llama(len(tokenizer), hidden_size, num_layers, seed, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return ModelBundle(model, tokenizer, f"tiny-llama-{hidden_size}x{num_layers}",
+                       {"tiny_random": {"hidden_size": hidden_size, "num_layers": num_layers, "seed": seed,
+                                        "vocab_size": vocab_size}})

@@ -1,0 +1,83 @@
+"""One run: load → fit an edit → evaluate before/after → export. `train.py` is a thin Hydra shell over `run`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from subspace.evaluation.evaluator import Evaluator
+from subspace.export.peft_adapter import export_peft_adapter, save_merged_model
+from subspace.families.causal import family_for
+from subspace.methods.base import RunContext
+from subspace.reporting import git_commit, print_summary, versions
+from subspace.utils.io import write_json, write_jsonl
+
+log = logging.getLogger(__name__)
+REPORT_KEYS = ("refusal_rate_before", "refusal_rate_after", "harmless_refusal_rate_before",
+               "harmless_refusal_rate_after", "kl", "n_harmful", "n_harmless")
+
+
+def check_output_dir(run_dir: Path, overwrite: bool) -> None:
+    if (run_dir / "metrics.json").exists() and not overwrite:
+        raise FileExistsError(f"{run_dir} already holds a finished run (metrics.json); choose another "
+                              "hydra.run.dir or pass overwrite=true")
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run the configured method and write metrics.json, samples, the edit and its PEFT adapter into the run dir."""
+    start = time.time()
+    run_dir = Path(cfg.paths.output_dir)
+    check_output_dir(run_dir, cfg.overwrite)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.get("logger") else []
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams(resolved)
+
+    bundle = instantiate(cfg.model)
+    family = family_for(bundle.model)
+    data = instantiate(cfg.data)
+    evaluator = Evaluator(bundle, family, instantiate(cfg.eval.judge), cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                          cfg.system_prompt)
+    method = instantiate(cfg.method)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
+    make_trainer = partial(instantiate, cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                           default_root_dir=str(run_dir))
+    ctx = RunContext(bundle, family, data, evaluator, run_dir, make_trainer)
+
+    fit_start = time.time()
+    edit = method.fit(ctx)
+    fit_seconds = time.time() - fit_start
+    results, samples = evaluator.before_after(data["eval_harmful"], data["eval_harmless"], edit)
+
+    edit.meta.update(method.describe() | {"model": bundle.name})
+    edit.save(run_dir / "edit.safetensors")
+    export_peft_adapter(edit, bundle.model, run_dir / "adapter", bundle.source.get("organism") or bundle.source.get("pretrained"))
+    if cfg.export_merged:
+        save_merged_model(edit, bundle.model, bundle.tokenizer, run_dir / "merged")
+
+    warnings = []
+    if results["refusal_rate_before"] == 0:
+        warnings.append("the model refused none of the eval harmful prompts before the edit: this eval set cannot "
+                        "show a reduction (check the model or data.eval_harmful)")
+    metrics = results | method.describe() | ctx.report | {
+        "model": bundle.name, "seed": cfg.seed, "fit_seconds": round(fit_seconds, 1),
+        "wall_time_s": round(time.time() - start, 1), "run_dir": str(run_dir), "warnings": warnings,
+        "model_source": bundle.source, "data": data.fingerprint(), "versions": versions(), "git_commit": git_commit(),
+    }
+    write_json(run_dir / "metrics.json", metrics)
+    write_jsonl(run_dir / "samples.jsonl", samples)
+    for logger in loggers:
+        logger.log_metrics({f"eval/{k}": float(metrics[k]) for k in REPORT_KEYS})
+        logger.save()
+    print_summary(metrics, warnings)
+    return metrics

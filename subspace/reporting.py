@@ -1,0 +1,46 @@
+"""The end-of-run summary table and the records that let a result be reproduced."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from subspace.config import REPO_ROOT
+
+
+def versions() -> dict[str, str]:
+    import lightning, peft, torch, torchmetrics, transformers  # noqa: E401
+
+    libs = {m.__name__: m.__version__ for m in (torch, transformers, peft, lightning, torchmetrics)}
+    return libs | {"python": platform.python_version()}
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def print_summary(metrics: dict[str, Any], warnings: list[str], console: Console | None = None) -> None:
+    table = Table(title=f"subspace · {metrics.get('model')} · {metrics.get('method')}", show_header=True)
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    table.add_row(f"refusal (harmful, n={metrics['n_harmful']})", pct(metrics["refusal_rate_before"]),
+                  pct(metrics["refusal_rate_after"]))
+    table.add_row(f"refusal (harmless, n={metrics['n_harmless']})", pct(metrics["harmless_refusal_rate_before"]),
+                  pct(metrics["harmless_refusal_rate_after"]))
+    table.add_row("KL(original ‖ edited), first token", "", f"{metrics['kl']:.4f}")
+    table.add_row("wall time", "", f"{metrics['wall_time_s']:.0f} s")
+    console = console or Console()
+    console.print(table)
+    console.print(f"run directory: {metrics['run_dir']}")
+    for w in warnings:
+        console.print(f"[bold yellow]warning:[/] {w}")
