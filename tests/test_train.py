@@ -1,0 +1,78 @@
+"""The real `train.py` entry point on the tiny organism (seconds), through Hydra's compose API and as a process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from subspace.config import register_resolvers
+from tests.conftest import ROOT
+
+REQUIRED = {"refusal_rate_before", "refusal_rate_after", "harmless_refusal_rate_before",
+            "harmless_refusal_rate_after", "kl", "n_harmful", "n_harmless"}
+
+
+def run_train(tmp_path, cache_dir, *overrides: str) -> dict:
+    """Run train.py as a user would; return metrics.json."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), "model=tiny_organism", "debug=fast", "logger=csv",
+           f"paths.cache_dir={cache_dir}", f"hydra.run.dir={out}", *overrides]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "metrics.json").read_text()) | {"_stdout": result.stdout}
+
+
+def test_train_py_default_method_writes_the_run_directory(tmp_path, cache_dir, tiny_organism):
+    metrics = run_train(tmp_path, cache_dir)
+    assert REQUIRED <= metrics.keys()
+    assert metrics["method"] == "subspace" and metrics["n_harmful"] == 6 and metrics["n_harmless"] == 6
+    run = tmp_path / "run"
+    for path in ("edit.safetensors", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                 "samples.jsonl", "csv/metrics.csv", "checkpoints/last.ckpt", ".hydra/config.yaml"):
+        assert (run / path).exists(), path
+    assert len((run / "samples.jsonl").read_text().splitlines()) == 12
+    assert "refusal (harmful, n=6)" in metrics["_stdout"]
+
+
+def test_eval_overrides_take_files_and_change_nothing_else(tmp_path, cache_dir, tiny_organism):
+    harmful, harmless = tmp_path / "h.json", tmp_path / "s.jsonl"
+    harmful.write_text(json.dumps([{"instruction": f"Explain how to break into house number {i}."} for i in range(3)]))
+    harmless.write_text("\n".join(json.dumps({"instruction": f"Name a fruit that starts with {c}."}) for c in "abcd"))
+    metrics = run_train(tmp_path, cache_dir, f"data.eval_harmful={harmful}", f"data.eval_harmless={harmless}")
+    assert metrics["n_harmful"] == 3 and metrics["n_harmless"] == 4
+    assert metrics["data"]["sources"]["eval_harmful"] == str(harmful)
+    assert metrics["data"]["train_harmful"]["n"] > 0
+
+
+def test_diff_means_scan_writes_scan_table(tmp_path, cache_dir, tiny_organism):
+    metrics = run_train(tmp_path, cache_dir, "method=diff_means")
+    assert metrics["method"] == "diff_means" and metrics["rank"] == 1
+    assert [row["layer"] for row in metrics["scan"]] == [0, 1, 2, 3]
+    assert 0 <= metrics["source_layer"] < 4 and (tmp_path / "run" / "scan.csv").exists()
+
+
+def test_bad_rank_fails_fast_with_the_value(tmp_path, cache_dir, tiny_organism):
+    cmd = [sys.executable, str(ROOT / "train.py"), "model=tiny_organism", "debug=fast", "logger=csv",
+           f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'run'}", "method.rank=0"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "method.rank=0 must be a positive integer" in result.stderr
+
+
+@pytest.mark.parametrize("overrides", [[], ["model=smollm2_organism", "method=diff_means", "logger=default"],
+                                       ["experiment=smollm2_subspace", "data=builtin"]])
+def test_configs_compose(overrides):
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = "/tmp/x"
+    for group in ("model", "method", "data", "objective", "trainer", "logger", "callbacks", "paths"):
+        assert group in cfg
+    assert cfg.model._target_.startswith("subspace.")
