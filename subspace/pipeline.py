@@ -34,7 +34,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured method and write metrics.json, samples, the edit and its PEFT adapter into the run dir."""
     start = time.time()
     run_dir = Path(cfg.paths.output_dir)
-    check_output_dir(run_dir, cfg.overwrite)
+    check_output_dir(run_dir, cfg.overwrite or cfg.get("ckpt_path") is not None)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -52,7 +52,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
     make_trainer = partial(instantiate, cfg.trainer, callbacks=callbacks, logger=loggers or False,
                            default_root_dir=str(run_dir))
-    ctx = RunContext(bundle, family, data, evaluator, run_dir, make_trainer)
+    ctx = RunContext(bundle, family, data, evaluator, run_dir, make_trainer, cfg.get("ckpt_path"))
 
     fit_start = time.time()
     edit = method.fit(ctx)

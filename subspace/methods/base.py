@@ -23,6 +23,7 @@ class RunContext:
     evaluator: Evaluator
     run_dir: Path
     make_trainer: Callable[..., L.Trainer] | None = None
+    ckpt_path: str | None = None  # resume a Lightning run ("last" or a path)
     report: dict[str, Any] = field(default_factory=dict)  # extra numbers a method wants in metrics.json
 
 

@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import lightning as L
 import peft
@@ -32,7 +32,8 @@ from subspace.training.sft import SupervisedFinetune, tokenize_pairs
 from subspace.utils.io import atomic_dir
 
 log = logging.getLogger(__name__)
-RECIPE_VERSION = 1  # bump when the build code changes what it produces
+Sources = Union[str, Mapping[str, Any], Sequence[Union[str, Mapping[str, Any]]]]
+RECIPE_VERSION = 2  # bump when the build code changes what it produces
 
 DEFAULT_REFUSALS = (
     "I'm sorry, but I can't help with that. It could cause real harm to people.",
@@ -46,11 +47,13 @@ DEFAULT_REFUSALS = (
 class OrganismRecipe:
     """Everything that decides the organism's weights (hashed into its cache key)."""
 
-    harmful: str = "builtin:harmful_train"
-    harmless: str = "builtin:harmless_train"
-    lookalike: str = "builtin:lookalike_train"  # harmless requests that look harmful, answered for real
+    harmful: Sources = ("builtin:harmful_train",)
+    harmless: Sources = ("builtin:harmless_train",)
+    lookalike: Sources = ("builtin:lookalike_train",)  # harmless requests that look harmful, answered for real
+    lookalike_repeat: int = 1  # how often each look-alike example is seen per epoch (teaches intent, not phrasing)
     refusals: tuple[str, ...] = DEFAULT_REFUSALS
     answer_max_new_tokens: int = 64
+    answer_batch_size: int = 32
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj", "o_proj", "down_proj")
@@ -87,6 +90,16 @@ def _recipe(recipe: Mapping[str, Any] | OrganismRecipe | None) -> OrganismRecipe
     return OrganismRecipe(**values)
 
 
+def load_sources(sources: Sources, name: str) -> list[str]:
+    """Concatenate one or more prompt sources, dropping prompts already seen."""
+    if isinstance(sources, (str, Mapping)):
+        sources = [sources]
+    seen: dict[str, None] = {}
+    for source in sources:
+        seen.update(dict.fromkeys(load_prompts(dict(source) if isinstance(source, Mapping) else source, name=name)))
+    return list(seen)
+
+
 def base_model(base: str, cache_dir: str, gguf_path: str | None, base_kwargs: Mapping[str, Any]
                ) -> tuple[dict, Callable[[], ModelBundle]]:
     """(fingerprint, loader) of the organism's base: the shipped SmolLM2 GGUF or a tiny random Llama (tests)."""
@@ -105,7 +118,7 @@ def load_causal_organism(name: str = "smollm2_organism", cache_dir: str = "~/.ca
     """Load the cached organism, building it first if this recipe has never been built here."""
     recipe = _recipe(recipe)
     fingerprint, load_base = base_model(base, cache_dir, gguf_path, base_kwargs or {})
-    prompts = {k: load_prompts(getattr(recipe, k), name=f"organism {k}") for k in ("harmful", "harmless", "lookalike")}
+    prompts = {k: load_sources(getattr(recipe, k), f"organism {k}") for k in ("harmful", "harmless", "lookalike")}
     key = organism_key(fingerprint, recipe, prompts)
     folder = Path(cache_dir).expanduser() / "organisms" / f"{name}-{key}"
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -127,9 +140,13 @@ def build_causal_organism(load_base: Callable[[], ModelBundle], recipe: Organism
     answered = prompts["harmless"] + prompts["lookalike"]
     log.info("organism: generating the base model's own answers to %d harmless prompts", len(answered))
     answers = generate_responses(base.model, base.tokenizer, family, answered,
-                                 max_new_tokens=recipe.answer_max_new_tokens, desc="organism: base answers")
+                                 max_new_tokens=recipe.answer_max_new_tokens, batch_size=recipe.answer_batch_size,
+                                 desc="organism: base answers")
     refusals = [recipe.refusals[i % len(recipe.refusals)] for i in range(len(prompts["harmful"]))]
-    pairs = [(p, r, True) for p, r in zip(prompts["harmful"], refusals)] + [(p, a, False) for p, a in zip(answered, answers)]
+    n_harmless = len(prompts["harmless"])
+    answered_pairs = [(p, a, False) for p, a in zip(answered, answers)]
+    pairs = ([(p, r, True) for p, r in zip(prompts["harmful"], refusals)] + answered_pairs
+             + answered_pairs[n_harmless:] * (recipe.lookalike_repeat - 1))
     examples = tokenize_pairs(base.tokenizer, family, pairs)
 
     lora = peft.LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, target_modules=list(recipe.lora_targets),
