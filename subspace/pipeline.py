@@ -30,6 +30,12 @@ def check_output_dir(run_dir: Path, overwrite: bool) -> None:
                               "hydra.run.dir or pass overwrite=true")
 
 
+def selection_metrics(evaluator: Evaluator, data, edit) -> dict[str, float]:
+    """Refusal and KL on the held-back training prompts: what sweeps and tuning may look at (never eval_*)."""
+    rate, _, _ = evaluator.refusals(data["select_harmful"], edit, "select harmful after")
+    return {"select_refusal_rate_after": rate, "select_kl": evaluator.kl(data["select_harmless"], edit)}
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured method and write metrics.json, samples, the edit and its PEFT adapter into the run dir."""
     start = time.time()
@@ -58,6 +64,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     edit = method.fit(ctx)
     fit_seconds = time.time() - fit_start
     results, samples = evaluator.before_after(data["eval_harmful"], data["eval_harmless"], edit)
+    if cfg.eval.on_select and data["select_harmful"]:
+        results |= selection_metrics(evaluator, data, edit)
 
     edit.meta.update(method.describe() | {"model": bundle.name})
     edit.save(run_dir / "edit.safetensors")

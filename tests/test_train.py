@@ -31,6 +31,7 @@ def run_train(tmp_path, cache_dir, *overrides: str) -> dict:
 def test_train_py_default_method_writes_the_run_directory(tmp_path, cache_dir, tiny_organism):
     metrics = run_train(tmp_path, cache_dir)
     assert REQUIRED <= metrics.keys()
+    assert {"select_refusal_rate_after", "select_kl"} <= metrics.keys()  # what sweeps optimise
     assert metrics["method"] == "subspace" and metrics["n_harmful"] == 6 and metrics["n_harmless"] == 6
     run = tmp_path / "run"
     for path in ("edit.safetensors", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
@@ -76,3 +77,13 @@ def test_configs_compose(overrides):
     for group in ("model", "method", "data", "objective", "trainer", "logger", "callbacks", "paths"):
         assert group in cfg
     assert cfg.model._target_.startswith("subspace.")
+
+
+def test_multirun_sweeps_rank(tmp_path, cache_dir, tiny_organism):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--multirun", "method.rank=1,2", "model=tiny_organism",
+           "debug=fast", "logger=csv", f"paths.cache_dir={cache_dir}", f"hydra.sweep.dir={sweep}"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = sorted(json.loads((sweep / str(i) / "metrics.json").read_text())["rank"] for i in (0, 1))
+    assert ranks == [1, 2]

@@ -22,10 +22,8 @@ def generate_responses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     responses: dict[int, str] = {}
     batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-    device = next(model.parameters()).device
     for idx in tqdm(batches, desc=desc, disable=not progress, leave=False):
         batch = family.chat_batch(tokenizer, [prompts[i] for i in idx], system_prompt)
-        batch = {k: v.to(device) for k, v in batch.items()}
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
                              top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
         new = out[:, batch["input_ids"].shape[1]:]

@@ -80,7 +80,7 @@ class CausalFamily:
 
     def chat_batch(self, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], system_prompt: str | None = None,
                    max_length: int | None = None) -> dict[str, torch.Tensor]:
-        """Left-padded chat-templated prompts ending at the first response position."""
+        """Left-padded chat-templated prompts ending at the first response position, on the model's device."""
         if tokenizer.chat_template is None:
             raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no chat template; set one (tokenizer.chat_template) "
                              "or use an instruct model.")
@@ -89,8 +89,9 @@ class CausalFamily:
         texts = [tokenizer.apply_chat_template(self.messages(p, system_prompt), tokenize=False, add_generation_prompt=True)
                  for p in prompts]
         tokenizer.padding_side = "left"
-        return dict(tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False,
-                              truncation=max_length is not None, max_length=max_length))
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False,
+                          truncation=max_length is not None, max_length=max_length)
+        return {k: v.to(self.model.device) for k, v in batch.items()}
 
     @staticmethod
     def messages(prompt: str, system_prompt: str | None) -> list[dict[str, str]]:

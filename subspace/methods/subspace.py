@@ -83,5 +83,6 @@ class Subspace:
         if ctx.make_trainer is None:
             raise ValueError("method=subspace needs a Lightning trainer (cfg.trainer)")
         trainer = ctx.make_trainer()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ctx.ckpt_path)
+        with module.hooks:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ctx.ckpt_path)
         return module.to_edit()

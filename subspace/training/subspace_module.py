@@ -37,7 +37,8 @@ class SubspaceModule(L.LightningModule):
 
     The base model is frozen and held outside the module's parameter registry, so checkpoints
     and optimiser state contain only the subspace. The original harmless distributions are
-    computed once (`on_fit_start`) and indexed by prompt.
+    computed once (`on_fit_start`) and indexed by prompt. Fit inside `with module.hooks:` so the
+    projection hooks are removed however training ends.
     """
 
     def __init__(self, model: nn.Module, sites: Sequence[str], subspace: LearnedSubspace, refusal_token_ids: Tensor,
@@ -63,12 +64,6 @@ class SubspaceModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.reference is None:
             self.reference = torch.cat([first_token_logprobs(self.model, b) for b in self._reference_batches])
-
-    def on_train_start(self) -> None:
-        self.hooks.__enter__()
-
-    def on_train_end(self) -> None:
-        self.hooks.__exit__(None, None, None)
 
     def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
         self.hooks.set(*self.subspace())
