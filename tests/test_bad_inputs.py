@@ -45,6 +45,8 @@ def test_rank_must_be_below_hidden_size(tiny, family, tmp_path):
 def test_bad_method_settings():
     with pytest.raises(ValueError, match="method.scope='everywhere'"):
         Subspace(objective=RefusalKLObjective(), scope="everywhere")
+    with pytest.raises(ValueError, match=r"method.strength_init=1.5 must be in \(0, 1\)"):
+        Subspace(objective=RefusalKLObjective(), strength_init=1.5)
     with pytest.raises(ValueError, match=r"method.strength=-0.5 must be ≥ 0"):
         DiffMeans(strength=-0.5)
     with pytest.raises(ValueError, match="source_layer='best'"):

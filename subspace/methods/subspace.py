@@ -28,6 +28,8 @@ class Subspace:
     scope: str = "per_layer"
     layers: Sequence[int] | None = None
     learn_strength: bool = False
+    strength_init: float = 0.9
+    strength_lr: float = 5e-2
     lr: float = 1e-2
     batch_size: int = 8
     max_length: int | None = 256
@@ -36,13 +38,15 @@ class Subspace:
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
             raise ValueError(f"method.scope={self.scope!r} is not one of {SCOPES}")
+        if not 0 < self.strength_init < 1:
+            raise ValueError(f"method.strength_init={self.strength_init} must be in (0, 1) (λ = sigmoid(logit))")
         if self.rank <= 0:
             raise ValueError(f"method.rank={self.rank} must be a positive integer")
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "rank": self.rank, "scope": self.scope, "kl_weight": self.objective.kl_weight,
                 "lr": self.lr, "layers": list(self.layers) if self.layers is not None else "all",
-                "learn_strength": self.learn_strength}
+                "learn_strength": self.learn_strength, "strength_init": self.strength_init}
 
     def initial_bases(self, differences: torch.Tensor, layers: list[int]) -> torch.Tensor:
         """Columns of each basis: its own layer's r̂ (per_layer) or the strongest layer's (global), then the
@@ -69,8 +73,8 @@ class Subspace:
         sites = fam.writer_sites(self.layers)
         layers = sorted({s.layer for s in sites})
         groups = [layers.index(s.layer) if self.scope == "per_layer" else 0 for s in sites]
-        subspace = LearnedSubspace(self.initial_bases(means.difference, layers), groups,
-                                   self.learn_strength)
+        subspace = LearnedSubspace(self.initial_bases(means.difference, layers), groups, self.learn_strength,
+                                   self.strength_init)
         refusal_ids = self.objective.refusal_token_ids(ctx.evaluator, ctx.data["train_harmful"])
         ctx.report["refusal_token_ids"] = refusal_ids.tolist()
         datamodule = PairedPromptDataModule(tok, fam, ctx.data["train_harmful"], ctx.data["train_harmless"],
@@ -79,7 +83,7 @@ class Subspace:
         reference_batches = [datamodule.collate(harmless[i: i + self.batch_size])
                              for i in range(0, len(harmless), self.batch_size)]
         module = SubspaceModule(ctx.bundle.model, [s.name for s in sites], subspace, refusal_ids, reference_batches,
-                                self.objective.kl_weight, self.lr, meta=self.describe())
+                                self.objective.kl_weight, self.lr, self.strength_lr, meta=self.describe())
         if ctx.make_trainer is None:
             raise ValueError("method=subspace needs a Lightning trainer (cfg.trainer)")
         trainer = ctx.make_trainer()

@@ -43,7 +43,7 @@ class SubspaceModule(L.LightningModule):
 
     def __init__(self, model: nn.Module, sites: Sequence[str], subspace: LearnedSubspace, refusal_token_ids: Tensor,
                  harmless_prompt_batches: Sequence[dict[str, Tensor]] = (), kl_weight: float = 1.0, lr: float = 1e-2,
-                 meta: dict | None = None):
+                 strength_lr: float = 5e-2, meta: dict | None = None):
         super().__init__()
         if kl_weight < 0:
             raise ValueError(f"objective.kl_weight={kl_weight} must be ≥ 0")
@@ -51,7 +51,7 @@ class SubspaceModule(L.LightningModule):
         self.sites = list(sites)
         self.subspace = subspace
         self.register_buffer("refusal_token_ids", torch.as_tensor(refusal_token_ids, dtype=torch.long))
-        self.kl_weight, self.lr, self.meta = kl_weight, lr, meta or {}
+        self.kl_weight, self.lr, self.strength_lr, self.meta = kl_weight, lr, strength_lr, meta or {}
         self._reference_batches = list(harmless_prompt_batches)
         self.reference: Tensor | None = None
         self.hooks = ProjectionHooks([model.get_submodule(s) for s in self.sites])
@@ -81,7 +81,10 @@ class SubspaceModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.Adam([p for p in self.subspace.parameters() if p.requires_grad], lr=self.lr)
+        groups = [{"params": [self.subspace.raw], "lr": self.lr}]
+        if self.subspace.strength_logits.requires_grad:
+            groups.append({"params": [self.subspace.strength_logits], "lr": self.strength_lr})
+        return torch.optim.Adam(groups)
 
     def to_edit(self) -> ProjectionEdit:
         with torch.no_grad():
