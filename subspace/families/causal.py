@@ -75,9 +75,6 @@ class CausalFamily:
                 sites.append(WriterSite(f"{self.layers_path}.{i}.{rel}", i, kind))
         return sites
 
-    def module(self, name: str) -> nn.Module:
-        return self.model.get_submodule(name)
-
     def chat_batch(self, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], system_prompt: str | None = None,
                    max_length: int | None = None) -> dict[str, torch.Tensor]:
         """Left-padded chat-templated prompts ending at the first response position, on the model's device."""
