@@ -21,7 +21,7 @@ TINY_ORGANISM = dict(
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_per_test():
+def _seed_every_test():
     torch.manual_seed(0)
 
 
