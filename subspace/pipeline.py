@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from subspace.evaluation.evaluator import Evaluator
 from subspace.export.peft_adapter import export_peft_adapter, save_merged_model
 from subspace.families.causal import family_for
-from subspace.methods.base import RunContext
+from subspace.methods.base import Method, RunContext
 from subspace.reporting import git_commit, print_summary, versions
 from subspace.utils.io import write_json, write_jsonl
 
@@ -54,7 +54,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     data = instantiate(cfg.data)
     evaluator = Evaluator(bundle, family, instantiate(cfg.eval.judge), cfg.eval.max_new_tokens, cfg.eval.batch_size,
                           cfg.system_prompt)
-    method = instantiate(cfg.method)
+    method: Method = instantiate(cfg.method)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
     make_trainer = partial(instantiate, cfg.trainer, callbacks=callbacks, logger=loggers or False,
                            default_root_dir=str(run_dir))

@@ -66,7 +66,8 @@ class SubspaceModule(L.LightningModule):
             self.reference = torch.cat([first_token_logprobs(self.model, b) for b in self._reference_batches])
 
     def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
-        self.hooks.set(*self.subspace())
+        bases, strengths = self.subspace()  # one QR per step, shared by every hook
+        self.hooks.set(bases, strengths)
         harmful = first_token_logprobs(self.model, batch["harmful"])
         harmless_batch = dict(batch["harmless"])
         index = harmless_batch.pop("index")
@@ -75,7 +76,7 @@ class SubspaceModule(L.LightningModule):
         kl = kl_divergence(self.reference[index.cpu()].to(harmless.device), harmless)
         loss = refusal + self.kl_weight * kl
         self.log_dict({"train/refusal": refusal, "train/kl": kl, "train/loss": loss,
-                       "train/strength": self.subspace()[1].mean()}, prog_bar=True)
+                       "train/strength": strengths.detach().mean()}, prog_bar=True)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {self.global_step}: refusal={refusal.item()}, kl={kl.item()}")
         return loss
