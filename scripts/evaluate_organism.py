@@ -25,11 +25,11 @@ register_resolvers()
 def main(cfg: DictConfig) -> dict:
     from subspace.data.loading import load_prompts
     from subspace.evaluation.evaluator import Evaluator
-    from subspace.families.causal import family_for
+    from subspace.families import family_for
     from subspace.utils.io import write_json, write_jsonl
 
     bundle = instantiate(cfg.model)
-    evaluator = Evaluator(bundle, family_for(bundle.model), instantiate(cfg.eval.judge), cfg.eval.max_new_tokens,
+    evaluator = Evaluator(bundle, family_for(bundle.model, **bundle.family_options), instantiate(cfg.eval.judge), cfg.eval.max_new_tokens,
                           cfg.eval.batch_size, cfg.system_prompt)
     report, rows = {"model": bundle.name, "model_source": bundle.source}, []
     for name, spec in cfg.sets.items():

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from subspace.evaluation.evaluator import Evaluator
 from subspace.export.peft_adapter import export_peft_adapter, save_merged_model
-from subspace.families.causal import family_for
+from subspace.families import family_for
 from subspace.methods.base import Method, RunContext
 from subspace.reporting import git_commit, print_summary, versions
 from subspace.utils.io import write_json, write_jsonl
@@ -50,7 +50,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams(resolved)
 
     bundle = instantiate(cfg.model)
-    family = family_for(bundle.model)
+    family = family_for(bundle.model, **bundle.family_options)
     data = instantiate(cfg.data)
     evaluator = Evaluator(bundle, family, instantiate(cfg.eval.judge), cfg.eval.max_new_tokens, cfg.eval.batch_size,
                           cfg.system_prompt)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from subspace.families.causal import CausalFamily
+from subspace.families import CausalFamily
 from subspace.models.organism import load_causal_organism
 from subspace.models.tiny import tiny_random_causal
 

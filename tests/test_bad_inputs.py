@@ -9,7 +9,7 @@ import pytest
 
 from subspace.data.loading import PromptDataError
 from subspace.data.prompt_sets import PromptSets
-from subspace.families.causal import CausalFamily
+from subspace.families import CausalFamily
 from subspace.methods.diff_means import DiffMeans
 from subspace.methods.subspace import Subspace
 from subspace.models import gguf

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from subspace.data.loading import load_prompts
 from subspace.evaluation.generation import generate_responses
 from subspace.export.peft_adapter import export_peft_adapter, save_merged_model
-from subspace.families.causal import CausalFamily
+from subspace.families import CausalFamily
 from tests.test_projection import random_edit
 
 
@@ -21,13 +21,13 @@ def test_peft_adapter_reproduces_greedy_generations_token_for_token(tmp_path, ti
     edit = random_edit(family, rank=4, seed=1, strength=1.0)
     prompts = load_prompts("builtin:harmful_heldout", limit=6) + load_prompts("builtin:harmless_heldout", limit=6)
     with edit.applied(bundle.model):
-        expected = generate_responses(bundle.model, bundle.tokenizer, family, prompts, max_new_tokens=16, progress=False)
-    unedited = generate_responses(bundle.model, bundle.tokenizer, family, prompts, max_new_tokens=16, progress=False)
+        expected = generate_responses(family, bundle.tokenizer, prompts, max_new_tokens=16, progress=False)
+    unedited = generate_responses(family, bundle.tokenizer, prompts, max_new_tokens=16, progress=False)
     assert expected != unedited  # the edit changes generations, so reproducing them means something
 
     adapter_dir = export_peft_adapter(edit, bundle.model, tmp_path / "adapter")
     peft_model = PeftModel.from_pretrained(copy.deepcopy(bundle.model), adapter_dir).eval()
-    got = generate_responses(peft_model, bundle.tokenizer, CausalFamily(peft_model.base_model.model), prompts,
+    got = generate_responses(CausalFamily(peft_model.base_model.model), bundle.tokenizer, prompts,
                              max_new_tokens=16, progress=False)
     assert got == expected
 

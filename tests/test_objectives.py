@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from subspace.evaluation.judges import MarkerJudge
-from subspace.evaluation.metrics import FirstTokenKL, RefusalRate
+from subspace.evaluation.metrics import ResponseKL, RefusalRate
 from subspace.objectives.losses import kl_divergence, refusal_loss
 from subspace.objectives.refusal_kl import RefusalKLObjective
 
@@ -41,7 +41,7 @@ def test_metrics_accumulate_over_batches():
     rate.update(torch.tensor([True, False]))
     rate.update(torch.tensor([True, True]))
     assert rate.compute().item() == pytest.approx(0.75)
-    kl = FirstTokenKL()
+    kl = ResponseKL()
     p = torch.log_softmax(torch.randn(5, 6), -1)
     q = torch.log_softmax(torch.randn(5, 6), -1)
     kl.update(p[:2], q[:2])

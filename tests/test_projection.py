@@ -35,19 +35,21 @@ def test_project_out_keeps_dtype_and_computes_in_float32():
     assert project_out(x, u).dtype == torch.bfloat16
 
 
-def test_hooks_and_weight_deltas_give_the_same_logits(tiny, family):
-    """Activation form (hooks on writer outputs) ≡ weight form W + BA on a pre-norm Llama."""
-    edit = random_edit(family, rank=3)
-    ids = torch.randint(3, len(tiny.tokenizer), (2, 12))
-    original = tiny.model(ids).logits
-    with edit.applied(tiny.model):
-        hooked = tiny.model(ids).logits
+def assert_hooks_match_weight_deltas(model, edit: ProjectionEdit, vocab_size: int) -> None:
+    """Activation form (hooks on writer outputs) ≡ weight form W + BA, which holds on pre-norm blocks."""
+    ids = torch.randint(3, vocab_size, (2, 12))
+    original = model(ids).logits
+    with edit.applied(model):
+        hooked = model(ids).logits
     assert (hooked - original).abs().max() > 1e-3  # the edit does something
     with torch.no_grad():
-        for site, (a, b) in edit.lora_factors(tiny.model).items():
-            tiny.model.get_submodule(site).weight += b @ a
-    merged = tiny.model(ids).logits
-    assert torch.allclose(hooked, merged, atol=1e-5)
+        for site, (a, b) in edit.lora_factors(model).items():
+            model.get_submodule(site).weight += b @ a
+    assert torch.allclose(hooked, model(ids).logits, atol=1e-5)
+
+
+def test_hooks_and_weight_deltas_give_the_same_logits(tiny, family):
+    assert_hooks_match_weight_deltas(tiny.model, random_edit(family, rank=3), len(tiny.tokenizer))
 
 
 def test_hooks_leave_the_model_untouched_after_the_block(tiny, family):

@@ -18,10 +18,10 @@ REQUIRED = {"refusal_rate_before", "refusal_rate_after", "harmless_refusal_rate_
             "harmless_refusal_rate_after", "kl", "n_harmful", "n_harmless"}
 
 
-def run_train(tmp_path, cache_dir, *overrides: str) -> dict:
+def run_train(tmp_path, cache_dir, *overrides: str, model: str = "tiny_organism") -> dict:
     """Run train.py as a user would; return metrics.json."""
     out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "train.py"), "model=tiny_organism", "debug=fast", "logger=csv",
+    cmd = [sys.executable, str(ROOT / "train.py"), f"model={model}", "debug=fast", "logger=csv",
            f"paths.cache_dir={cache_dir}", f"hydra.run.dir={out}", *overrides]
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,13 +10,13 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from subspace.families.causal import CausalFamily
+from subspace.families.base import Family
 
 
 class PairedPromptDataModule(L.LightningDataModule):
     """Each batch: {"harmful": chat batch, "harmless": chat batch + "index"} (index keys the cached original distributions)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, family: CausalFamily, harmful: Sequence[str],
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, family: Family, harmful: Sequence[str],
                  harmless: Sequence[str], batch_size: int = 8, system_prompt: str | None = None,
                  max_length: int | None = 256, seed: int = 0):
         super().__init__()

@@ -11,11 +11,10 @@ from torch import Tensor
 
 from subspace.evaluation.generation import generate_responses
 from subspace.evaluation.judges import MarkerJudge, RefusalJudge
-from subspace.evaluation.metrics import FirstTokenKL, RefusalRate
-from subspace.families.causal import CausalFamily
+from subspace.evaluation.metrics import ResponseKL, RefusalRate
+from subspace.families.base import Family
 from subspace.interventions.edit import ProjectionEdit
 from subspace.models.bundle import ModelBundle
-from subspace.objectives.losses import first_token_logprobs
 
 
 @dataclass
@@ -23,7 +22,7 @@ class Evaluator:
     """Everything about how a model is judged: sampler settings, judge, batch sizes."""
 
     bundle: ModelBundle
-    family: CausalFamily
+    family: Family
     judge: RefusalJudge = MarkerJudge()
     max_new_tokens: int = 48
     batch_size: int = 16
@@ -36,7 +35,7 @@ class Evaluator:
     def responses(self, prompts: Sequence[str], edit: ProjectionEdit | None = None, desc: str = "generating",
                   max_new_tokens: int | None = None) -> list[str]:
         with self._edited(edit):
-            return generate_responses(self.bundle.model, self.bundle.tokenizer, self.family, prompts,
+            return generate_responses(self.family, self.bundle.tokenizer, prompts,
                                       max_new_tokens=max_new_tokens or self.max_new_tokens, batch_size=self.batch_size,
                                       system_prompt=self.system_prompt, desc=desc, progress=self.progress)
 
@@ -51,17 +50,17 @@ class Evaluator:
 
     @torch.no_grad()
     def logprobs(self, prompts: Sequence[str], edit: ProjectionEdit | None = None) -> Tensor:
-        """First-response-position log-probabilities, [n, vocab] float32."""
+        """Log-probabilities at the family's response positions, [n, positions, vocab] float32."""
         chunks = []
         with self._edited(edit):
             for i in range(0, len(prompts), self.batch_size):
                 batch = self.family.chat_batch(self.bundle.tokenizer, prompts[i: i + self.batch_size], self.system_prompt)
-                chunks.append(first_token_logprobs(self.bundle.model, batch))
+                chunks.append(self.family.response_logprobs(batch))
         return torch.cat(chunks)
 
     def kl(self, prompts: Sequence[str], edit: ProjectionEdit, reference: Tensor | None = None) -> float:
         reference = self.logprobs(prompts) if reference is None else reference
-        metric = FirstTokenKL()
+        metric = ResponseKL()
         metric.update(reference, self.logprobs(prompts, edit))
         return float(metric.compute())
 

@@ -28,8 +28,8 @@ class RefusalRate(Metric):
         return self.refused.double() / self.total.clamp(min=1)
 
 
-class FirstTokenKL(Metric):
-    """Mean KL(P_original ‖ P_edited) of the next-token distribution at the first response position."""
+class ResponseKL(Metric):
+    """Mean KL(P_original ‖ P_edited) at the response positions: the first one (causal) or the first canvas ones (diffusion)."""
 
     full_state_update = False
 

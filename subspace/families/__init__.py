@@ -1,5 +1,25 @@
-"""Family adapters: the only place that knows an architecture's module names."""
+"""Family adapters: the only place that knows an architecture's module names, positions and sampler."""
 
-from subspace.families.causal import CausalFamily, WriterSite, family_for
+from __future__ import annotations
 
-__all__ = ["CausalFamily", "WriterSite", "family_for"]
+from typing import Any
+
+from transformers import PreTrainedModel
+
+from subspace.families.base import Family, WriterSite
+from subspace.families.causal import CausalFamily
+from subspace.families.llada import LLaDAFamily
+
+
+def family_for(model: PreTrainedModel, **options: Any) -> Family:
+    """The adapter for a loaded model; `options` are the family's settings from the model config."""
+    from subspace.models.llada import LLaDAModelLM
+
+    if isinstance(model, LLaDAModelLM) or getattr(model.config, "model_type", None) == "llada":
+        return LLaDAFamily(model, **options)
+    if options:
+        raise ValueError(f"family options {sorted(options)} are only for diffusion models, not {type(model).__name__}")
+    return CausalFamily(model)
+
+
+__all__ = ["CausalFamily", "Family", "LLaDAFamily", "WriterSite", "family_for"]

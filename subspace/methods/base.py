@@ -10,7 +10,7 @@ import lightning as L
 
 from subspace.data.prompt_sets import PromptSets
 from subspace.evaluation.evaluator import Evaluator
-from subspace.families.causal import CausalFamily
+from subspace.families.base import Family
 from subspace.interventions.edit import ProjectionEdit
 from subspace.models.bundle import ModelBundle
 
@@ -18,7 +18,7 @@ from subspace.models.bundle import ModelBundle
 @dataclass
 class RunContext:
     bundle: ModelBundle
-    family: CausalFamily
+    family: Family
     data: PromptSets
     evaluator: Evaluator
     run_dir: Path

@@ -10,12 +10,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from subspace.families.causal import CausalFamily
+from subspace.families.base import Family
 
 
 @dataclass
 class ClassMeans:
-    """Mean residual at the last prompt token entering each layer: [num_layers, d] per class."""
+    """Mean residual entering each layer where the response is decided: [num_layers, d] per class."""
 
     harmful: Tensor
     harmless: Tensor
@@ -35,17 +35,17 @@ class ClassMeans:
         return torch.nn.functional.cosine_similarity(self.harmful, self.harmless, dim=-1)
 
 
-def _mean_residual(family: CausalFamily, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+def _mean_residual(family: Family, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
                    batch_size: int, system_prompt: str | None, desc: str) -> Tensor:
     total = None
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
         batch = family.chat_batch(tokenizer, prompts[i: i + batch_size], system_prompt)
-        summed = family.residual_at_last_token(batch).sum(dim=1)
+        summed = family.residuals(batch).sum(dim=1)
         total = summed if total is None else total + summed
     return total / len(prompts)
 
 
-def class_means(family: CausalFamily, tokenizer: PreTrainedTokenizerBase, harmful: Sequence[str],
+def class_means(family: Family, tokenizer: PreTrainedTokenizerBase, harmful: Sequence[str],
                 harmless: Sequence[str], batch_size: int = 16, system_prompt: str | None = None) -> ClassMeans:
     return ClassMeans(_mean_residual(family, tokenizer, harmful, batch_size, system_prompt, "means: harmful"),
                       _mean_residual(family, tokenizer, harmless, batch_size, system_prompt, "means: harmless"))

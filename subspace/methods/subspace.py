@@ -82,7 +82,7 @@ class Subspace:
         harmless = ctx.data["train_harmless"]
         reference_batches = [datamodule.collate(harmless[i: i + self.batch_size])
                              for i in range(0, len(harmless), self.batch_size)]
-        module = SubspaceModule(ctx.bundle.model, [s.name for s in sites], subspace, refusal_ids, reference_batches,
+        module = SubspaceModule(fam, [s.name for s in sites], subspace, refusal_ids, reference_batches,
                                 self.objective.kl_weight, self.lr, self.strength_lr, meta=self.describe())
         if ctx.make_trainer is None:
             raise ValueError("method=subspace needs a Lightning trainer (cfg.trainer)")

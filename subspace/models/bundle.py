@@ -15,6 +15,7 @@ class ModelBundle:
     tokenizer: PreTrainedTokenizerBase
     name: str
     source: dict = field(default_factory=dict)  # what the weights depend on (paths, hashes), recorded per run
+    family_options: dict = field(default_factory=dict)  # settings for the family adapter (diffusion canvas, sampler)
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -20,6 +20,7 @@ import peft
 import torch
 import transformers
 from filelock import FileLock
+from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from subspace.data.loading import load_prompts
@@ -33,7 +34,7 @@ from subspace.utils.io import atomic_dir
 
 log = logging.getLogger(__name__)
 Sources = Union[str, Mapping[str, Any], Sequence[Union[str, Mapping[str, Any]]]]
-RECIPE_VERSION = 2  # bump when the build code changes what it produces
+RECIPE_VERSION = 3  # bump when the build code changes what it produces
 
 DEFAULT_REFUSALS = (
     "I'm sorry, but I can't help with that. It could cause real harm to people.",
@@ -44,24 +45,43 @@ DEFAULT_REFUSALS = (
 
 
 @dataclass
-class OrganismRecipe:
-    """Everything that decides the organism's weights (hashed into its cache key)."""
+class PairsRecipe:
+    """The organism's training pairs: harmful → fixed refusals, harmless and look-alike → a model's own answers."""
 
     harmful: Sources = ("builtin:harmful_train",)
     harmless: Sources = ("builtin:harmless_train",)
     lookalike: Sources = ("builtin:lookalike_train",)  # harmless requests that look harmful, answered for real
     lookalike_repeat: int = 1  # how often each look-alike example is seen per epoch (teaches intent, not phrasing)
     refusals: tuple[str, ...] = DEFAULT_REFUSALS
-    answer_max_new_tokens: int = 64
     answer_batch_size: int = 32
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj", "o_proj", "down_proj")
     lr: float = 5e-4
     batch_size: int = 8
     max_steps: int = 150
     seed: int = 0
     extra: dict = field(default_factory=dict)
+
+    def prompts(self) -> dict[str, list[str]]:
+        return {k: load_sources(getattr(self, k), f"organism {k}") for k in ("harmful", "harmless", "lookalike")}
+
+    def answered(self, prompts: Mapping[str, list[str]]) -> list[str]:
+        return prompts["harmless"] + prompts["lookalike"]
+
+    def pairs(self, prompts: Mapping[str, list[str]], answers: Sequence[str]) -> list[tuple[str, str, bool]]:
+        """(prompt, response, finished) with refusals cycling through `refusals` and look-alikes repeated."""
+        refusals = [(p, self.refusals[i % len(self.refusals)], True) for i, p in enumerate(prompts["harmful"])]
+        answered = [(p, a, False) for p, a in zip(self.answered(prompts), answers)]
+        return refusals + answered + answered[len(prompts["harmless"]):] * (self.lookalike_repeat - 1)
+
+
+@dataclass
+class OrganismRecipe(PairsRecipe):
+    """Everything that decides the causal organism's weights (hashed into its cache key)."""
+
+    answer_max_new_tokens: int = 64
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj", "o_proj", "down_proj")
+    decision_weight: float = 1.0  # loss weight of the first response token, where refuse-or-answer is decided
 
 
 def _sha256(path: Path) -> str:
@@ -72,22 +92,43 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def organism_key(base: dict, recipe: OrganismRecipe, prompts: Mapping[str, list[str]]) -> str:
+def organism_key(base: dict, recipe: PairsRecipe, prompts: Mapping[str, list[str]],
+                 version: int = RECIPE_VERSION) -> str:
     blob = json.dumps({
-        "base": base, "recipe": asdict(recipe), "version": RECIPE_VERSION, "prompts": prompts,
+        "base": base, "recipe": asdict(recipe), "version": version, "prompts": prompts,
         "libs": {m.__name__: m.__version__ for m in (torch, transformers, peft, L)},
     }, sort_keys=True, default=list)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _recipe(recipe: Mapping[str, Any] | OrganismRecipe | None) -> OrganismRecipe:
-    if isinstance(recipe, OrganismRecipe):
+def as_recipe(recipe: Mapping[str, Any] | PairsRecipe | None, cls: type[PairsRecipe] = None) -> PairsRecipe:
+    """A recipe dataclass from a config mapping (lists become tuples so the recipe hashes stably)."""
+    cls = cls or OrganismRecipe
+    if isinstance(recipe, cls):
         return recipe
-    values = dict(recipe or {})
+    values = OmegaConf.to_container(recipe, resolve=True) if isinstance(recipe, DictConfig) else dict(recipe or {})
     for key in ("refusals", "lora_targets"):
         if key in values:
             values[key] = tuple(values[key])
-    return OrganismRecipe(**values)
+    return cls(**values)
+
+
+def build_once(cache_dir: str, name: str, key: str, build: Callable[[Path], dict]) -> Path:
+    """`cache_dir/organisms/NAME-KEY`, built by `build(tmp_dir) -> info` under a file lock if it is not there yet.
+
+    The build writes into a temporary sibling that is renamed into place only when it succeeds, so
+    an interrupted build leaves nothing that looks finished.
+    """
+    folder = Path(cache_dir).expanduser() / "organisms" / f"{name}-{key}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / "organism.json").exists():
+            start = time.time()
+            with atomic_dir(folder) as tmp:
+                info = build(tmp)
+                info["build_seconds"] = round(time.time() - start, 1)
+                (tmp / "organism.json").write_text(json.dumps(info, indent=2, default=list))
+    return folder
 
 
 def load_sources(sources: Sources, name: str) -> list[str]:
@@ -116,53 +157,41 @@ def load_causal_organism(name: str = "smollm2_organism", cache_dir: str = "~/.ca
                          gguf_path: str | None = None, base_kwargs: Mapping[str, Any] | None = None,
                          dtype: str = "float32", device: str = "cpu") -> ModelBundle:
     """Load the cached organism, building it first if this recipe has never been built here."""
-    recipe = _recipe(recipe)
+    recipe = as_recipe(recipe)
     fingerprint, load_base = base_model(base, cache_dir, gguf_path, base_kwargs or {})
-    prompts = {k: load_sources(getattr(recipe, k), f"organism {k}") for k in ("harmful", "harmless", "lookalike")}
+    prompts = recipe.prompts()
     key = organism_key(fingerprint, recipe, prompts)
-    folder = Path(cache_dir).expanduser() / "organisms" / f"{name}-{key}"
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(folder) + ".lock"):
-        if not (folder / "organism.json").exists():
-            build_causal_organism(load_base, recipe, prompts, folder)
+    folder = build_once(cache_dir, name, key, lambda tmp: build_causal_organism(load_base, recipe, prompts, tmp))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype)).to(device).eval().requires_grad_(False)
     return ModelBundle(model, tokenizer, name, {"organism": str(folder), "organism_key": key, "base": fingerprint})
 
 
 def build_causal_organism(load_base: Callable[[], ModelBundle], recipe: OrganismRecipe,
-                          prompts: Mapping[str, list[str]], folder: Path) -> None:
+                          prompts: Mapping[str, list[str]], folder: Path) -> dict:
     """Safety fine-tune: harmful → fixed refusals; harmless and look-alike harmless → the base model's own answers."""
-    start = time.time()
     L.seed_everything(recipe.seed, verbose=False)
     base = load_base()
     family = CausalFamily(base.model)
-    answered = prompts["harmless"] + prompts["lookalike"]
+    answered = recipe.answered(prompts)
     log.info("organism: generating the base model's own answers to %d harmless prompts", len(answered))
-    answers = generate_responses(base.model, base.tokenizer, family, answered,
+    answers = generate_responses(family, base.tokenizer, answered,
                                  max_new_tokens=recipe.answer_max_new_tokens, batch_size=recipe.answer_batch_size,
                                  desc="organism: base answers")
-    refusals = [recipe.refusals[i % len(recipe.refusals)] for i in range(len(prompts["harmful"]))]
-    n_harmless = len(prompts["harmless"])
-    answered_pairs = [(p, a, False) for p, a in zip(answered, answers)]
-    pairs = ([(p, r, True) for p, r in zip(prompts["harmful"], refusals)] + answered_pairs
-             + answered_pairs[n_harmless:] * (recipe.lookalike_repeat - 1))
-    examples = tokenize_pairs(base.tokenizer, family, pairs)
+    examples = tokenize_pairs(base.tokenizer, family, recipe.pairs(prompts, answers))
 
     lora = peft.LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, target_modules=list(recipe.lora_targets),
                            lora_dropout=0.0, task_type="CAUSAL_LM")
     model = peft.get_peft_model(base.model.train(), lora)
-    module = SupervisedFinetune(model, examples, base.tokenizer.pad_token_id, recipe.lr, recipe.batch_size, recipe.max_steps)
+    module = SupervisedFinetune(model, examples, base.tokenizer.pad_token_id, recipe.lr, recipe.batch_size,
+                                recipe.max_steps, recipe.decision_weight)
     trainer = L.Trainer(max_steps=recipe.max_steps, accelerator="cpu", max_epochs=-1, logger=False, enable_checkpointing=False,
                         enable_model_summary=False, deterministic=True)
     log.info("organism: safety fine-tune, %d steps", recipe.max_steps)
     trainer.fit(module)
     merged = model.merge_and_unload().eval()
 
-    info = {"recipe": asdict(recipe), "base": base.source, "build_seconds": round(time.time() - start, 1),
-            "final_sft_loss": float(trainer.callback_metrics.get("sft_loss", float("nan"))),
-            "n_examples": len(examples)}
-    with atomic_dir(folder) as tmp:
-        merged.save_pretrained(tmp)
-        base.tokenizer.save_pretrained(tmp)
-        (tmp / "organism.json").write_text(json.dumps(info, indent=2, default=list))
+    merged.save_pretrained(folder)
+    base.tokenizer.save_pretrained(folder)
+    return {"recipe": asdict(recipe), "base": base.source, "n_examples": len(examples),
+            "final_sft_loss": float(trainer.callback_metrics.get("sft_loss", float("nan")))}

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from subspace.interventions.edit import ProjectionEdit
 from subspace.interventions.projection import ProjectionHooks, orthonormalize
-from subspace.objectives.losses import first_token_logprobs, kl_divergence, refusal_loss
+from subspace.families.base import Family
+from subspace.objectives.losses import kl_divergence, refusal_loss
 
 
 class LearnedSubspace(nn.Module):
@@ -41,38 +42,38 @@ class SubspaceModule(L.LightningModule):
     projection hooks are removed however training ends.
     """
 
-    def __init__(self, model: nn.Module, sites: Sequence[str], subspace: LearnedSubspace, refusal_token_ids: Tensor,
+    def __init__(self, family: Family, sites: Sequence[str], subspace: LearnedSubspace, refusal_token_ids: Tensor,
                  harmless_prompt_batches: Sequence[dict[str, Tensor]] = (), kl_weight: float = 1.0, lr: float = 1e-2,
                  strength_lr: float = 5e-2, meta: dict | None = None):
         super().__init__()
         if kl_weight < 0:
             raise ValueError(f"objective.kl_weight={kl_weight} must be ≥ 0")
-        self._frozen = (model,)  # a tuple is not registered: no gradients, not in checkpoints
+        self._frozen = (family,)  # a tuple is not registered: the model gets no gradients and stays out of checkpoints
         self.sites = list(sites)
         self.subspace = subspace
         self.register_buffer("refusal_token_ids", torch.as_tensor(refusal_token_ids, dtype=torch.long))
         self.kl_weight, self.lr, self.strength_lr, self.meta = kl_weight, lr, strength_lr, meta or {}
         self._reference_batches = list(harmless_prompt_batches)
         self.reference: Tensor | None = None
-        self.hooks = ProjectionHooks([model.get_submodule(s) for s in self.sites])
+        self.hooks = ProjectionHooks([family.model.get_submodule(s) for s in self.sites])
 
     @property
-    def model(self) -> nn.Module:
+    def family(self) -> Family:
         return self._frozen[0]
 
     @torch.no_grad()
     def on_fit_start(self) -> None:
         if self.reference is None:
-            self.reference = torch.cat([first_token_logprobs(self.model, b) for b in self._reference_batches])
+            self.reference = torch.cat([self.family.response_logprobs(b) for b in self._reference_batches])
 
     def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
         bases, strengths = self.subspace()  # one QR per step, shared by every hook
         self.hooks.set(bases, strengths)
-        harmful = first_token_logprobs(self.model, batch["harmful"])
+        harmful = self.family.response_logprobs(batch["harmful"])
         harmless_batch = dict(batch["harmless"])
         index = harmless_batch.pop("index")
-        harmless = first_token_logprobs(self.model, harmless_batch)
-        refusal = refusal_loss(harmful, self.refusal_token_ids)
+        harmless = self.family.response_logprobs(harmless_batch)
+        refusal = refusal_loss(harmful[:, 0], self.refusal_token_ids)
         kl = kl_divergence(self.reference[index.cpu()].to(harmless.device), harmless)
         loss = refusal + self.kl_weight * kl
         self.log_dict({"train/refusal": refusal, "train/kl": kl, "train/loss": loss,

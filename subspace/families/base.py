@@ -1,0 +1,117 @@
+"""What every family adapter shares: finding layers and residual writers, and building chat batches.
+
+A family subclass adds the three things that differ between architectures: where the refusal
+decision is read (`residuals`), the next-token distributions the objective compares
+(`response_logprobs`) and the model's own sampler (`generate`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class WriterSite:
+    """A matrix whose output is added to the residual stream after decoder layer `layer`."""
+
+    name: str
+    layer: int
+    kind: str  # "attn_out" | "mlp_out"
+
+
+def get_submodule(module: nn.Module, dotted: str) -> nn.Module | None:
+    for part in dotted.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+class Family:
+    """Base adapter; subclasses name their layer lists and writer modules."""
+
+    name = "base"
+    LAYER_PATHS: tuple[str, ...] = ()
+    ATTENTION_WRITERS: tuple[str, ...] = ()
+    MLP_WRITERS: tuple[str, ...] = ()
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+        self.layers_path, self.layers = self._find_layers(model)
+        self.hidden_size: int = model.config.hidden_size
+        self.num_layers = len(self.layers)
+
+    def _find_layers(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
+        for path in self.LAYER_PATHS:
+            layers = get_submodule(model, path)
+            if isinstance(layers, nn.ModuleList):
+                return path, layers
+        raise TypeError(f"{type(model).__name__} has no decoder layer list at {', '.join(self.LAYER_PATHS)}; "
+                        "add a family adapter for it.")
+
+    def check_layer(self, layer: int, what: str = "layer") -> int:
+        if not -self.num_layers <= layer < self.num_layers:
+            raise ValueError(
+                f"{what}={layer} is out of range: this model has {self.num_layers} decoder layers, "
+                f"valid indices are 0..{self.num_layers - 1} (or negative from the end)."
+            )
+        return layer % self.num_layers
+
+    def writer_sites(self, layers: Sequence[int] | None = None, kinds: Sequence[str] = ("attn_out", "mlp_out")) -> list[WriterSite]:
+        """Every residual writer in the chosen layers, in forward order."""
+        chosen = range(self.num_layers) if layers is None else [self.check_layer(i) for i in layers]
+        sites: list[WriterSite] = []
+        for i in chosen:
+            for kind, candidates in (("attn_out", self.ATTENTION_WRITERS), ("mlp_out", self.MLP_WRITERS)):
+                if kind not in kinds:
+                    continue
+                rel = next((c for c in candidates if isinstance(get_submodule(self.layers[i], c), nn.Linear)), None)
+                if rel is None:
+                    raise TypeError(f"layer {i} of {type(self.model).__name__} has no {kind} Linear among {candidates}")
+                sites.append(WriterSite(f"{self.layers_path}.{i}.{rel}", i, kind))
+        return sites
+
+    def chat_batch(self, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], system_prompt: str | None = None,
+                   max_length: int | None = None) -> dict[str, Tensor]:
+        """Left-padded chat-templated prompts ending where the response starts, on the model's device."""
+        if tokenizer.chat_template is None:
+            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no chat template; set one (tokenizer.chat_template) "
+                             "or use an instruct model.")
+        if tokenizer.pad_token_id is None:
+            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no pad token; set tokenizer.pad_token.")
+        texts = [tokenizer.apply_chat_template(self.messages(p, system_prompt), tokenize=False, add_generation_prompt=True)
+                 for p in prompts]
+        tokenizer.padding_side = "left"
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False,
+                          truncation=max_length is not None, max_length=max_length)
+        return {k: v.to(self.model.device) for k, v in batch.items()}
+
+    @staticmethod
+    def messages(prompt: str, system_prompt: str | None) -> list[dict[str, str]]:
+        msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        return msgs + [{"role": "user", "content": prompt}]
+
+    def stop_token_ids(self, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+        """Tokens that end a response: everything after the first is not part of it."""
+        return {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
+
+    def residuals(self, batch: dict[str, Tensor]) -> Tensor:
+        """Residual stream entering each layer where the response is decided: [num_layers, batch, d], float32."""
+        raise NotImplementedError
+
+    def response_logprobs(self, batch: dict[str, Tensor]) -> Tensor:
+        """log P at the first response position(s): [batch, positions, vocab] float32 (log-softmax)."""
+        raise NotImplementedError
+
+    def generate(self, tokenizer: PreTrainedTokenizerBase, batch: dict[str, Tensor], max_new_tokens: int) -> Tensor:
+        """The model's own sampler, greedy: new token ids [batch, ≤ max_new_tokens]."""
+        raise NotImplementedError
+
+
+def log_softmax32(logits: Tensor) -> Tensor:
+    return torch.log_softmax(logits.float(), dim=-1)

@@ -1,0 +1,60 @@
+"""Bidirectional masked diffusion (LLaDA): the response is a canvas of mask tokens after the prompt.
+
+Every prompt token sees the whole canvas and the canvas sees the prompt, so the objective and
+the difference of means read the model with a fully masked canvas attached: the state the
+sampler starts from. The KL compares the predictions at the first `kl_positions` canvas
+positions; the refusal term reads the first one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from subspace.families.base import Family, log_softmax32
+from subspace.sampling.masked_diffusion import MaskedDiffusionSampler
+
+
+class LLaDAFamily(Family):
+    name = "llada"
+    LAYER_PATHS = ("model.transformer.blocks",)
+    ATTENTION_WRITERS = ("attn_out",)
+    MLP_WRITERS = ("ff_out",)
+
+    def __init__(self, model: PreTrainedModel, canvas_length: int = 32, kl_positions: int = 4,
+                 sampler: MaskedDiffusionSampler | Mapping[str, Any] | None = None):
+        super().__init__(model)
+        if not 0 < kl_positions <= canvas_length:
+            raise ValueError(f"kl_positions={kl_positions} must be in 1..canvas_length={canvas_length}")
+        self.mask_id: int = model.config.mask_token_id
+        self.canvas_length, self.kl_positions = canvas_length, kl_positions
+        self.sampler = sampler if isinstance(sampler, MaskedDiffusionSampler) else MaskedDiffusionSampler(**(sampler or {}))
+        # Where the first canvas token is predicted: the last prompt token when logits are shifted, else itself.
+        self.decision_offset = -1 if getattr(model.config, "shift_logits", False) else 0
+
+    def with_canvas(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The prompt batch followed by `canvas_length` mask tokens (attended like prompt tokens)."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        canvas = torch.full((ids.shape[0], self.canvas_length), self.mask_id, dtype=ids.dtype, device=ids.device)
+        return {"input_ids": torch.cat([ids, canvas], 1),
+                "attention_mask": torch.cat([mask, torch.ones_like(canvas, dtype=mask.dtype)], 1)}
+
+    @torch.no_grad()
+    def residuals(self, batch: dict[str, Tensor]) -> Tensor:
+        position = batch["input_ids"].shape[1] + self.decision_offset
+        out = self.model(**self.with_canvas(batch), output_hidden_states=True)
+        return torch.stack([h[:, position, :].float() for h in out.hidden_states[: self.num_layers]])
+
+    def response_logprobs(self, batch: dict[str, Tensor]) -> Tensor:
+        start = batch["input_ids"].shape[1]
+        logits = self.model(**self.with_canvas(batch)).logits
+        return log_softmax32(logits[:, start: start + self.kl_positions])
+
+    def generate(self, tokenizer: PreTrainedTokenizerBase, batch: dict[str, Tensor], max_new_tokens: int) -> Tensor:
+        return self.sampler(self.model, batch["input_ids"], batch["attention_mask"], max_new_tokens, self.mask_id)
+
+    def stop_token_ids(self, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+        return super().stop_token_ids(tokenizer) | {self.mask_id}
