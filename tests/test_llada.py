@@ -100,6 +100,8 @@ def test_converted_llama_equals_the_causal_model_where_attention_cannot_differ()
     assert not torch.allclose(llama(ids).logits[:, 0], llada(ids).logits[:, 0], atol=1e-3)  # bidirectional elsewhere
     shifted = llada_from_llama(llama, mask_token_id=5, shift_logits=True)
     assert torch.equal(shifted(ids).logits[:, 1:], llada(ids).logits[:, :-1])
+    for model in (llada, shifted):  # the canvas-only head gives the same numbers as slicing the full one
+        assert torch.allclose(model(ids, logits_to_keep=4).logits, model(ids).logits[:, -4:], atol=1e-6)
 
 
 @pytest.fixture()
@@ -140,6 +142,23 @@ def test_llada_hooks_and_weight_deltas_give_the_same_logits(tiny_llada):
     assert [s.name for s in family.writer_sites([0])] == ["model.transformer.blocks.0.attn_out",
                                                           "model.transformer.blocks.0.ff_out"]
     assert_hooks_match_weight_deltas(model, random_edit(family, rank=3), len(tokenizer))
+
+
+def test_llada_peft_adapter_reproduces_the_edited_logits(tiny_llada, tmp_path):
+    import copy
+
+    from peft import PeftModel
+
+    from subspace.export import export_peft_adapter
+
+    model, tokenizer = tiny_llada
+    model = model.float()
+    edit = random_edit(family_for(model), rank=2, seed=4)
+    ids = torch.randint(3, len(tokenizer), (2, 10))
+    with edit.applied(model):
+        expected = model(ids).logits
+    adapted = PeftModel.from_pretrained(copy.deepcopy(model), export_peft_adapter(edit, model, tmp_path / "adapter"))
+    assert torch.allclose(adapted(input_ids=ids).logits, expected, atol=1e-5)
 
 
 def test_response_logprobs_read_the_first_canvas_positions(tiny_llada):

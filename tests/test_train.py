@@ -66,7 +66,8 @@ def test_bad_rank_fails_fast_with_the_value(tmp_path, cache_dir, tiny_organism):
 
 
 @pytest.mark.parametrize("overrides", [[], ["model=smollm2_organism", "method=diff_means", "logger=default"],
-                                       ["experiment=smollm2_subspace", "data=builtin"]])
+                                       ["experiment=smollm2_subspace", "data=builtin"],
+                                       ["model=llada", "trainer=gpu"], ["model=llada_organism", "method=diff_means"]])
 def test_configs_compose(overrides):
     register_resolvers()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

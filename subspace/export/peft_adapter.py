@@ -20,8 +20,9 @@ def export_peft_adapter(edit: ProjectionEdit, model: nn.Module, out_dir: str | P
     Written to a temporary sibling and renamed, so a half-written adapter never exists.
     """
     dtype = next(model.parameters()).dtype
+    task_type = "CAUSAL_LM" if getattr(model, "can_generate", lambda: False)() else None  # diffusion models: plain PeftModel
     config = LoraConfig(r=edit.rank, lora_alpha=edit.rank, target_modules=list(edit.sites), lora_dropout=0.0,
-                        bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model)
+                        bias="none", task_type=task_type, base_model_name_or_path=base_model)
     tensors = {}
     for site, (a, b) in edit.lora_factors(model).items():
         tensors[f"base_model.model.{site}.lora_A.weight"] = a.to(dtype).contiguous()

@@ -12,10 +12,11 @@ from subspace.families.llada import LLaDAFamily
 
 
 def family_for(model: PreTrainedModel, **options: Any) -> Family:
-    """The adapter for a loaded model; `options` are the family's settings from the model config."""
-    from subspace.models.llada import LLaDAModelLM
+    """The adapter for a loaded model; `options` are the family's settings from the model config.
 
-    if isinstance(model, LLaDAModelLM) or getattr(model.config, "model_type", None) == "llada":
+    LLaDA is recognised by its config's model_type, so the published remote code (same module names) works too.
+    """
+    if getattr(model.config, "model_type", None) == "llada":
         return LLaDAFamily(model, **options)
     if options:
         raise ValueError(f"family options {sorted(options)} are only for diffusion models, not {type(model).__name__}")

@@ -49,12 +49,14 @@ class LLaDAFamily(Family):
         return torch.stack([h[:, position, :].float() for h in out.hidden_states[: self.num_layers]])
 
     def response_logprobs(self, batch: dict[str, Tensor]) -> Tensor:
-        start = batch["input_ids"].shape[1]
-        logits = self.model(**self.with_canvas(batch)).logits
-        return log_softmax32(logits[:, start: start + self.kl_positions])
+        logits = self.model(**self.with_canvas(batch), logits_to_keep=self.canvas_length).logits
+        return log_softmax32(logits[:, : self.kl_positions])
 
     def generate(self, tokenizer: PreTrainedTokenizerBase, batch: dict[str, Tensor], max_new_tokens: int) -> Tensor:
-        return self.sampler(self.model, batch["input_ids"], batch["attention_mask"], max_new_tokens, self.mask_id)
+        """The sampler on a canvas of whole blocks (max_new_tokens rounded up), cut back to max_new_tokens."""
+        block = self.sampler.block_length
+        gen_length = -(-max_new_tokens // block) * block
+        return self.sampler(self.model, batch["input_ids"], batch["attention_mask"], gen_length, self.mask_id)[:, :max_new_tokens]
 
     def stop_token_ids(self, tokenizer: PreTrainedTokenizerBase) -> set[int]:
         return super().stop_token_ids(tokenizer) | {self.mask_id}

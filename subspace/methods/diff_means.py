@@ -51,6 +51,7 @@ class DiffMeans:
         means = class_means(fam, tok, ctx.data["train_harmful"], ctx.data["train_harmless"],
                             system_prompt=ctx.evaluator.system_prompt)
         directions = means.directions
+        ctx.report["class_mean_cosine"] = means.cosine.tolist()
         if self.source_layer != "scan":
             layer = fam.check_layer(int(self.source_layer), "method.source_layer")
         else:

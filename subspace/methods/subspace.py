@@ -70,6 +70,7 @@ class Subspace:
             raise ValueError(f"method.rank={self.rank} must be < hidden size {fam.hidden_size}")
         means = class_means(fam, tok, ctx.data["train_harmful"], ctx.data["train_harmless"],
                             system_prompt=ctx.evaluator.system_prompt)
+        ctx.report["class_mean_cosine"] = means.cosine.tolist()
         sites = fam.writer_sites(self.layers)
         layers = sorted({s.layer for s in sites})
         groups = [layers.index(s.layer) if self.scope == "per_layer" else 0 for s in sites]

@@ -54,11 +54,14 @@ class MaskedDiffusionSampler:
                              f"gen_length={gen_length}")
         return blocks, steps // blocks
 
-    def _logits(self, model: nn.Module, x: Tensor, attention_mask: Tensor, prompt: Tensor, mask_id: int) -> Tensor:
+    def _logits(self, model: nn.Module, x: Tensor, attention_mask: Tensor, prompt: Tensor, mask_id: int,
+                gen_length: int) -> Tensor:
+        """Logits over the canvas only (the prompt's are never used), with classifier-free guidance if asked."""
         if self.cfg_scale == 0:
-            return model(input_ids=x, attention_mask=attention_mask).logits
-        unconditional = x.masked_fill(prompt, mask_id)  # classifier-free guidance: the prompt hidden
-        both = model(input_ids=torch.cat([x, unconditional]), attention_mask=torch.cat([attention_mask] * 2)).logits
+            return model(input_ids=x, attention_mask=attention_mask, logits_to_keep=gen_length).logits
+        unconditional = x.masked_fill(prompt, mask_id)  # the same canvas with the prompt hidden
+        both = model(input_ids=torch.cat([x, unconditional]), attention_mask=torch.cat([attention_mask] * 2),
+                     logits_to_keep=gen_length).logits
         cond, uncond = both.chunk(2)
         return uncond + (self.cfg_scale + 1) * (cond - uncond)
 
@@ -69,17 +72,17 @@ class MaskedDiffusionSampler:
         n_blocks, steps = self.schedule(gen_length)
         batch, prompt_length = input_ids.shape
         canvas = torch.full((batch, gen_length), mask_id, dtype=input_ids.dtype, device=input_ids.device)
-        x = torch.cat([input_ids, canvas], dim=1)
         attention_mask = torch.cat([attention_mask, torch.ones_like(canvas, dtype=attention_mask.dtype)], dim=1)
-        prompt = torch.zeros_like(x, dtype=torch.bool)
+        prompt = torch.zeros(batch, prompt_length + gen_length, dtype=torch.bool, device=input_ids.device)
         prompt[:, :prompt_length] = attention_mask[:, :prompt_length].bool()
-        generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        generator = torch.Generator(device=input_ids.device).manual_seed(self.seed)
         for block in range(n_blocks):
-            end = prompt_length + (block + 1) * self.block_length
+            end = (block + 1) * self.block_length
             for k in tokens_per_step(self.block_length, steps):
-                masked = x == mask_id
+                masked = canvas == mask_id
                 masked[:, end:] = False
-                logits = self._logits(model, x, attention_mask, prompt, mask_id).float()
+                x = torch.cat([input_ids, canvas], dim=1)
+                logits = self._logits(model, x, attention_mask, prompt, mask_id, gen_length).float()
                 if self.temperature > 0:  # Gumbel-max sampling in float64, as LLaDA does
                     noise = torch.rand(logits.shape, generator=generator, device=x.device, dtype=torch.float64)
                     predicted = (logits.double() / self.temperature - torch.log(-torch.log(noise))).argmax(-1)
@@ -88,8 +91,7 @@ class MaskedDiffusionSampler:
                 if self.remasking == "low_confidence":
                     confidence = torch.softmax(logits, -1).gather(-1, predicted[..., None]).squeeze(-1)
                 else:
-                    confidence = torch.rand(x.shape, generator=generator, device=x.device)
-                confidence = confidence.masked_fill(~masked, -torch.inf)
-                chosen = confidence.topk(k, dim=-1).indices
-                x.scatter_(1, chosen, predicted.gather(1, chosen))
-        return x[:, prompt_length:]
+                    confidence = torch.rand(canvas.shape, generator=generator, device=x.device)
+                chosen = confidence.masked_fill(~masked, -torch.inf).topk(k, dim=-1).indices
+                canvas.scatter_(1, chosen, predicted.gather(1, chosen))
+        return canvas

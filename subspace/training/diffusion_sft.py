@@ -64,7 +64,7 @@ class MaskedDiffusionFinetune(L.LightningModule):
         noisy = canvas.masked_fill(masked, self.mask_id)
         ids = torch.cat([batch["prompt"], noisy], 1)
         attention = torch.cat([batch["prompt_mask"], torch.ones_like(canvas)], 1)
-        logits = self.model(input_ids=ids, attention_mask=attention).logits[:, -canvas.shape[1]:].float()
+        logits = self.model(input_ids=ids, attention_mask=attention, logits_to_keep=canvas.shape[1]).logits.float()
         losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), canvas, reduction="none")
         loss = ((losses * masked / t).sum(1) / canvas.shape[1]).mean()
         self.log("diffusion_loss", loss, prog_bar=True)

@@ -124,8 +124,9 @@ class LLaDAModelLM(PreTrainedModel):
         self.model.transformer.wte = value
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                output_hidden_states: bool = False, **unused) -> LLaDAOutput:
-        """Logits for every position; `attention_mask` (1 = token, 0 = padding) hides padding from every query.
+                output_hidden_states: bool = False, logits_to_keep: int = 0, **unused) -> LLaDAOutput:
+        """Logits for every position, or the last `logits_to_keep` (the canvas: the LM head over a 126k
+        vocabulary is the largest activation); `attention_mask` (1 = token, 0 = padding) hides padding.
 
         Positions count real tokens only, so a left-padded prompt gets the same rotary phases as
         alone (the published code counts padding too; rotary attention is shift-invariant, so the
@@ -148,7 +149,11 @@ class LLaDAModelLM(PreTrainedModel):
         x = tr.ln_f(x)
         if hidden is not None:
             hidden[-1] = x
+        shift = int(self.config.shift_logits)
+        keep = logits_to_keep if 0 < logits_to_keep < x.shape[1] else 0
+        if keep:  # with shifted logits, position j reads the head at j−1
+            x = x[:, x.shape[1] - keep - shift: x.shape[1] - shift]
         logits = F.linear(x, tr.wte.weight) if self.config.weight_tying else tr.ff_out(x)
-        if self.config.shift_logits:
+        if shift and not keep:
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         return LLaDAOutput(logits=logits, hidden_states=tuple(hidden) if hidden is not None else None)
