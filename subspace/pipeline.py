@@ -78,8 +78,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         warnings.append("the model refused none of the eval harmful prompts before the edit: this eval set cannot "
                         "show a reduction (check the model or data.eval_harmful)")
     metrics = results | method.describe() | ctx.report | {
-        "model": bundle.name, "seed": cfg.seed, "fit_seconds": round(fit_seconds, 1),
-        "wall_time_s": round(time.time() - start, 1), "run_dir": str(run_dir), "warnings": warnings,
+        "model": bundle.name, "family": family.name, "kl_at": family.kl_at, "seed": cfg.seed,
+        "fit_seconds": round(fit_seconds, 1), "wall_time_s": round(time.time() - start, 1), "run_dir": str(run_dir),
+        "warnings": warnings,
         "model_source": bundle.source, "data": data.fingerprint(), "versions": versions(), "git_commit": git_commit(),
     }
     write_json(run_dir / "metrics.json", metrics)

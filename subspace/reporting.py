@@ -37,7 +37,7 @@ def print_summary(metrics: dict[str, Any], warnings: list[str], console: Console
                   pct(metrics["refusal_rate_after"]))
     table.add_row(f"refusal (harmless, n={metrics['n_harmless']})", pct(metrics["harmless_refusal_rate_before"]),
                   pct(metrics["harmless_refusal_rate_after"]))
-    table.add_row("KL(original ‖ edited), first token", "", f"{metrics['kl']:.4f}")
+    table.add_row(f"KL(original ‖ edited), {metrics.get('kl_at', 'first token')}", "", f"{metrics['kl']:.4f}")
     table.add_row("wall time", "", f"{metrics['wall_time_s']:.0f} s")
     console = console or Console()
     console.print(table)

@@ -36,6 +36,7 @@ class Family:
     """Base adapter; subclasses name their layer lists and writer modules."""
 
     name = "base"
+    kl_at = "first response token"  # where `response_logprobs` reads: said next to every KL this family reports
     LAYER_PATHS: tuple[str, ...] = ()
     ATTENTION_WRITERS: tuple[str, ...] = ()
     MLP_WRITERS: tuple[str, ...] = ()

@@ -34,6 +34,7 @@ class LLaDAFamily(Family):
         self.sampler = sampler if isinstance(sampler, MaskedDiffusionSampler) else MaskedDiffusionSampler(**(sampler or {}))
         # Where the first canvas token is predicted: the last prompt token when logits are shifted, else itself.
         self.decision_offset = -1 if getattr(model.config, "shift_logits", False) else 0
+        self.kl_at = f"first {kl_positions} canvas positions, canvas of {canvas_length} masked"
 
     def with_canvas(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """The prompt batch followed by `canvas_length` mask tokens (attended like prompt tokens)."""
