@@ -17,14 +17,15 @@ def shared_data_dir() -> Path:
     return Path(os.environ.get("SUBSPACE_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
-def shared_or(relative: str, fallback: str) -> str:
+def shared_or(relative: str, fallback: str, skip: int = 0) -> str | dict:
     """The public split `relative` when the shared data folder exists, else the project's own `fallback` set.
 
-    The choice is logged and recorded in metrics.json (data sources), never silent.
+    `skip` > 0 drops the split's first prompts (as a `{path, skip}` source): those the organism
+    was trained on. The choice is logged and recorded in metrics.json (data sources), never silent.
     """
     path = shared_data_dir() / relative
     if path.exists():
-        return str(path)
+        return {"path": str(path), "skip": skip} if skip else str(path)
     log.warning("public split %s not found; using the project's own set %s", path, fallback)
     return fallback
 

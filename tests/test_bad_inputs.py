@@ -31,6 +31,18 @@ def test_rank_must_be_positive(rank):
         Subspace(objective=RefusalKLObjective(), rank=rank)
 
 
+@pytest.mark.parametrize("min_depth", [-0.1, 1.0])
+def test_min_depth_must_be_a_fraction_below_one(min_depth):
+    with pytest.raises(ValueError, match=f"method.min_depth={min_depth} must be in \\[0, 1\\)"):
+        Subspace(objective=RefusalKLObjective(), min_depth=min_depth)
+
+
+def test_min_depth_picks_the_deeper_layers():
+    assert list(Subspace(objective=RefusalKLObjective(), min_depth=0.25).edited_layers(30)) == list(range(8, 30))
+    assert list(Subspace(objective=RefusalKLObjective(), min_depth=0.25).edited_layers(4)) == [1, 2, 3]
+    assert list(Subspace(objective=RefusalKLObjective(), layers=[2]).edited_layers(30)) == [2]
+
+
 def test_rank_must_be_below_hidden_size(tiny, family, tmp_path):
     from subspace.evaluation.evaluator import Evaluator
     from subspace.methods.base import RunContext

@@ -225,6 +225,13 @@ def test_limit_larger_than_available_warns(tmp_path):
         assert load_prompts(p, limit=5) == ["a", "b"]
 
 
+def test_skip_drops_the_first_prompts_before_the_limit(tmp_path):
+    p = write(tmp_path / "a.txt", "a\nb\nc\nd\ne\n")
+    assert load_prompts({"path": str(p), "skip": 2, "limit": 2}) == ["c", "d"]
+    with pytest.raises(PromptDataError, match=names_file(p) + r".*skip=5 must be a positive integer below its 5"):
+        load_prompts({"path": str(p), "skip": 5})
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])
 def test_invalid_limit(tmp_path, bad):
     p = write(tmp_path / "a.txt", "a\n")

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 BUILTIN_DIR = Path(__file__).parent / "prompts"
 EXTENSIONS = (".json", ".jsonl", ".csv", ".txt")
-_MAPPING_KEYS = {"path", "hf", "split", "column", "config", "limit"}
+_MAPPING_KEYS = {"path", "hf", "split", "column", "config", "limit", "skip"}
 
 
 class PromptDataError(ValueError):
@@ -183,10 +183,10 @@ def load_prompts(
     """Load a list of prompt strings (stripped, first-occurrence deduplicated, optionally limited).
 
     ``source`` is a .json/.jsonl/.csv/.txt path, ``"builtin:NAME"``, ``"hf:DATASET"``, or a
-    mapping ``{"path" | "hf": ..., "column", "split", "config", "limit"}`` whose keys override
-    the keyword arguments. ``name`` labels the set (e.g. "harmful") in messages.
+    mapping ``{"path" | "hf": ..., "column", "split", "config", "limit", "skip"}`` whose keys override
+    the keyword arguments; ``skip`` drops the first N prompts (e.g. those a model organism was trained on). ``name`` labels the set (e.g. "harmful") in messages.
     """
-    config = None
+    config, skip = None, 0
     if isinstance(source, Mapping):
         unknown = sorted(set(source) - _MAPPING_KEYS)
         if unknown or ("path" in source) == ("hf" in source):
@@ -195,7 +195,7 @@ def load_prompts(
                 f"exactly one of 'path' or 'hf', plus optional {sorted(_MAPPING_KEYS - {'path', 'hf'})}"
             )
         column, split = source.get("column", column), source.get("split", split)
-        limit, config = source.get("limit", limit), source.get("config")
+        limit, config, skip = source.get("limit", limit), source.get("config"), source.get("skip", 0)
         source = source["path"] if "path" in source else f"hf:{source['hf']}"
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
         raise PromptDataError(f"{name}: limit must be a positive integer or None, got {limit!r}")
@@ -224,6 +224,11 @@ def load_prompts(
     unique = list(dict.fromkeys(prompts))
     if len(unique) < len(prompts):
         _warn(f"{label}: dropped {len(prompts) - len(unique)} duplicate prompt(s), keeping first occurrences")
+    if skip:
+        if isinstance(skip, bool) or not isinstance(skip, int) or not 0 < skip < len(unique):
+            raise PromptDataError(f"{label}: skip={skip!r} must be a positive integer below its "
+                                  f"{len(unique)} prompts")
+        unique = unique[skip:]
     if limit is not None:
         if limit > len(unique):
             _warn(f"{label}: limit={limit} exceeds the {len(unique)} available prompts; using all {len(unique)}")

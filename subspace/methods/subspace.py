@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -27,6 +28,7 @@ class Subspace:
     rank: int = 4
     scope: str = "per_layer"
     layers: Sequence[int] | None = None
+    min_depth: float = 0.0  # with layers=None: edit layers from this fraction of the depth to the last
     learn_strength: bool = False
     strength_init: float = 0.9
     strength_lr: float = 5e-2
@@ -42,11 +44,18 @@ class Subspace:
             raise ValueError(f"method.strength_init={self.strength_init} must be in (0, 1) (λ = sigmoid(logit))")
         if self.rank <= 0:
             raise ValueError(f"method.rank={self.rank} must be a positive integer")
+        if not 0 <= self.min_depth < 1:
+            raise ValueError(f"method.min_depth={self.min_depth} must be in [0, 1) (a fraction of the model's depth)")
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "rank": self.rank, "scope": self.scope, "kl_weight": self.objective.kl_weight,
-                "lr": self.lr, "layers": list(self.layers) if self.layers is not None else "all",
+                "lr": self.lr, "layers": list(self.layers) if self.layers is not None else f"from depth {self.min_depth}",
                 "learn_strength": self.learn_strength, "strength_init": self.strength_init}
+
+    def edited_layers(self, num_layers: int) -> Sequence[int]:
+        """`layers` if given, else every layer from `min_depth` of the depth on (early layers hold no refusal
+        direction: the class means there have cosine ≈ 1, and editing them only adds KL)."""
+        return self.layers if self.layers is not None else range(math.ceil(self.min_depth * num_layers), num_layers)
 
     def initial_bases(self, differences: torch.Tensor, layers: list[int]) -> torch.Tensor:
         """Columns of each basis: its own layer's r̂ (per_layer) or the strongest layer's (global), then the
@@ -71,7 +80,7 @@ class Subspace:
         means = class_means(fam, tok, ctx.data["train_harmful"], ctx.data["train_harmless"],
                             system_prompt=ctx.evaluator.system_prompt)
         ctx.report["class_mean_cosine"] = means.cosine.tolist()
-        sites = fam.writer_sites(self.layers)
+        sites = fam.writer_sites(self.edited_layers(fam.num_layers))
         layers = sorted({s.layer for s in sites})
         groups = [layers.index(s.layer) if self.scope == "per_layer" else 0 for s in sites]
         subspace = LearnedSubspace(self.initial_bases(means.difference, layers), groups, self.learn_strength,

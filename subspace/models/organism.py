@@ -30,7 +30,7 @@ from subspace.models.bundle import ModelBundle, resolve_dtype
 from subspace.models.gguf import ensure_smollm2_gguf, load_smollm2_gguf
 from subspace.models.tiny import tiny_random_causal
 from subspace.training.sft import SupervisedFinetune, tokenize_pairs
-from subspace.utils.io import atomic_dir
+from subspace.utils.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 Sources = Union[str, Mapping[str, Any], Sequence[Union[str, Mapping[str, Any]]]]
@@ -161,23 +161,42 @@ def load_causal_organism(name: str = "smollm2_organism", cache_dir: str = "~/.ca
     fingerprint, load_base = base_model(base, cache_dir, gguf_path, base_kwargs or {})
     prompts = recipe.prompts()
     key = organism_key(fingerprint, recipe, prompts)
-    folder = build_once(cache_dir, name, key, lambda tmp: build_causal_organism(load_base, recipe, prompts, tmp))
+    folder = build_once(cache_dir, name, key,
+                        lambda tmp: build_causal_organism(load_base, recipe, prompts, tmp, fingerprint, cache_dir))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype)).to(device).eval().requires_grad_(False)
     return ModelBundle(model, tokenizer, name, {"organism": str(folder), "organism_key": key, "base": fingerprint})
 
 
-def build_causal_organism(load_base: Callable[[], ModelBundle], recipe: OrganismRecipe,
-                          prompts: Mapping[str, list[str]], folder: Path) -> dict:
+def own_answers(model: ModelBundle, fingerprint: dict, prompts: list[str], max_new_tokens: int, batch_size: int,
+                cache_dir: str | None = None, desc: str = "answers") -> list[str]:
+    """A causal model's greedy answers, cached by (model fingerprint, prompts, settings) under `cache_dir/answers`.
+
+    Generating them takes minutes on a CPU; recipes that change only the fine-tune reuse them.
+    """
+    blob = json.dumps({"model": fingerprint, "prompts": prompts, "max_new_tokens": max_new_tokens,
+                       "batch_size": batch_size, "libs": {m.__name__: m.__version__ for m in (torch, transformers)}},
+                      sort_keys=True, default=list)
+    path = None if cache_dir is None else (
+        Path(cache_dir).expanduser() / "answers" / f"{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json")
+    if path is not None and path.exists():
+        return json.loads(path.read_text())
+    log.info("%s: generating the model's own answers to %d prompts", desc, len(prompts))
+    answers = generate_responses(CausalFamily(model.model), model.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                 batch_size=batch_size, desc=desc)
+    if path is not None:
+        write_json(path, answers)
+    return answers
+
+
+def build_causal_organism(load_base: Callable[[], ModelBundle], recipe: OrganismRecipe, prompts: Mapping[str, list[str]],
+                          folder: Path, fingerprint: dict | None = None, cache_dir: str | None = None) -> dict:
     """Safety fine-tune: harmful → fixed refusals; harmless and look-alike harmless → the base model's own answers."""
     L.seed_everything(recipe.seed, verbose=False)
     base = load_base()
     family = CausalFamily(base.model)
-    answered = recipe.answered(prompts)
-    log.info("organism: generating the base model's own answers to %d harmless prompts", len(answered))
-    answers = generate_responses(family, base.tokenizer, answered,
-                                 max_new_tokens=recipe.answer_max_new_tokens, batch_size=recipe.answer_batch_size,
-                                 desc="organism: base answers")
+    answers = own_answers(base, fingerprint or {}, recipe.answered(prompts), recipe.answer_max_new_tokens,
+                          recipe.answer_batch_size, cache_dir if fingerprint else None, "organism: base answers")
     examples = tokenize_pairs(base.tokenizer, family, recipe.pairs(prompts, answers))
 
     lora = peft.LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, target_modules=list(recipe.lora_targets),

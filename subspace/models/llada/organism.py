@@ -17,13 +17,12 @@ from typing import Any, Mapping
 import lightning as L
 import torch
 
-from subspace.evaluation.generation import generate_responses
-from subspace.families.causal import CausalFamily
 from subspace.families.llada import LLaDAFamily
 from subspace.models.bundle import ModelBundle, resolve_dtype
 from subspace.models.llada.loading import llada_from_llama
 from subspace.models.llada.modeling import LLaDAModelLM
-from subspace.models.organism import PairsRecipe, as_recipe, build_once, load_causal_organism, organism_key
+from subspace.models.organism import (PairsRecipe, as_recipe, build_once, load_causal_organism, organism_key,
+                                      own_answers)
 from subspace.training.diffusion_sft import MaskedDiffusionFinetune, canvas_examples
 
 log = logging.getLogger(__name__)
@@ -48,7 +47,7 @@ def load_llada_organism(name: str = "llada_organism", cache_dir: str = "~/.cache
     causal = source if source is not None else load_causal_organism(cache_dir=cache_dir)
     prompts = recipe.prompts()
     key = organism_key({"causal_organism": causal.source["organism_key"]}, recipe, prompts, DIFFUSION_RECIPE_VERSION)
-    folder = build_once(cache_dir, name, key, lambda tmp: build_llada_organism(causal, recipe, prompts, tmp))
+    folder = build_once(cache_dir, name, key, lambda tmp: build_llada_organism(causal, recipe, prompts, tmp, cache_dir))
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -58,13 +57,11 @@ def load_llada_organism(name: str = "llada_organism", cache_dir: str = "~/.cache
 
 
 def build_llada_organism(causal: ModelBundle, recipe: DiffusionRecipe, prompts: Mapping[str, list[str]],
-                         folder: Path) -> dict:
+                         folder: Path, cache_dir: str | None = None) -> dict:
     L.seed_everything(recipe.seed, verbose=False)
     tokenizer = causal.tokenizer
-    answered = recipe.answered(prompts)
-    log.info("llada organism: the causal organism's own answers to %d harmless prompts", len(answered))
-    answers = generate_responses(CausalFamily(causal.model), tokenizer, answered, max_new_tokens=recipe.canvas_length,
-                                 batch_size=recipe.answer_batch_size, desc="llada organism: answers")
+    answers = own_answers(causal, {"organism_key": causal.source["organism_key"]}, recipe.answered(prompts),
+                          recipe.canvas_length, recipe.answer_batch_size, cache_dir, "llada organism: answers")
     tokenizer.add_special_tokens({"additional_special_tokens": [MASK_TOKEN]})
     mask_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
     model = llada_from_llama(causal.model, mask_id, vocab_size=len(tokenizer), shift_logits=True).train()

@@ -1,0 +1,46 @@
+"""Organism caching: keyed by what the weights depend on, built once, answers reused, failures leave nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from subspace.models import organism as organism_module
+from subspace.models.organism import OrganismRecipe, build_once, load_causal_organism, organism_key, own_answers
+from tests.conftest import TINY_ORGANISM
+
+
+def test_a_cached_organism_is_loaded_not_rebuilt(cache_dir, tiny_organism):
+    folder = tiny_organism.source["organism"]
+    info = json.loads((cache_dir / "organisms" / folder.rsplit("/", 1)[1] / "organism.json").read_text())
+    again = load_causal_organism(cache_dir=str(cache_dir), **TINY_ORGANISM)
+    assert again.source["organism"] == folder
+    assert json.loads((cache_dir / "organisms" / folder.rsplit("/", 1)[1] / "organism.json").read_text()) == info
+
+
+def test_the_key_covers_recipe_prompts_and_base():
+    prompts = {"harmful": ["a"], "harmless": ["b"], "lookalike": ["c"]}
+    key = organism_key({"base": 1}, OrganismRecipe(), prompts)
+    assert key == organism_key({"base": 1}, OrganismRecipe(), prompts)
+    assert key != organism_key({"base": 1}, OrganismRecipe(max_steps=151), prompts)
+    assert key != organism_key({"base": 1}, OrganismRecipe(), prompts | {"harmless": ["b", "d"]})
+    assert key != organism_key({"base": 2}, OrganismRecipe(), prompts)
+
+
+def test_answers_are_generated_once_and_reused(cache_dir, tiny_organism, monkeypatch):
+    prompts = ["Name a red fruit.", "How do I boil an egg?"]
+    first = own_answers(tiny_organism, {"test": 1}, prompts, 4, 2, str(cache_dir))
+    monkeypatch.setattr(organism_module, "generate_responses", lambda *a, **k: pytest.fail("regenerated"))
+    assert own_answers(tiny_organism, {"test": 1}, prompts, 4, 2, str(cache_dir)) == first
+
+
+def test_a_failed_build_leaves_nothing_that_looks_finished(tmp_path):
+    def broken(folder):
+        (folder / "half-written").write_text("x")
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        build_once(str(tmp_path), "org", "k", broken)
+    assert not (tmp_path / "organisms" / "org-k").exists()
+    assert build_once(str(tmp_path), "org", "k", lambda folder: {"ok": True}).joinpath("organism.json").exists()
