@@ -101,7 +101,7 @@ def organism_key(base: dict, recipe: PairsRecipe, prompts: Mapping[str, list[str
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def as_recipe(recipe: Mapping[str, Any] | PairsRecipe | None, cls: type[PairsRecipe] = None) -> PairsRecipe:
+def as_recipe(recipe: Mapping[str, Any] | PairsRecipe | None, cls: type[PairsRecipe] | None = None) -> PairsRecipe:
     """A recipe dataclass from a config mapping (lists become tuples so the recipe hashes stably)."""
     cls = cls or OrganismRecipe
     if isinstance(recipe, cls):

@@ -9,13 +9,14 @@ the causal organism and keyed by its key plus this recipe.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import lightning as L
-import torch
+from transformers import AutoTokenizer
 
 from subspace.families.llada import LLaDAFamily
 from subspace.models.bundle import ModelBundle, resolve_dtype
@@ -48,8 +49,6 @@ def load_llada_organism(name: str = "llada_organism", cache_dir: str = "~/.cache
     prompts = recipe.prompts()
     key = organism_key({"causal_organism": causal.source["organism_key"]}, recipe, prompts, DIFFUSION_RECIPE_VERSION)
     folder = build_once(cache_dir, name, key, lambda tmp: build_llada_organism(causal, recipe, prompts, tmp, cache_dir))
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = LLaDAModelLM.from_pretrained(folder, dtype=resolve_dtype(dtype)).to(device).eval().requires_grad_(False)
     return ModelBundle(model, tokenizer, name, {"organism": str(folder), "organism_key": key,
@@ -59,7 +58,7 @@ def load_llada_organism(name: str = "llada_organism", cache_dir: str = "~/.cache
 def build_llada_organism(causal: ModelBundle, recipe: DiffusionRecipe, prompts: Mapping[str, list[str]],
                          folder: Path, cache_dir: str | None = None) -> dict:
     L.seed_everything(recipe.seed, verbose=False)
-    tokenizer = causal.tokenizer
+    tokenizer = copy.deepcopy(causal.tokenizer)  # gains a mask token; the causal organism's stays as it is
     answers = own_answers(causal, {"organism_key": causal.source["organism_key"]}, recipe.answered(prompts),
                           recipe.canvas_length, recipe.answer_batch_size, cache_dir, "llada organism: answers")
     tokenizer.add_special_tokens({"additional_special_tokens": [MASK_TOKEN]})
