@@ -29,7 +29,8 @@ def main(cfg: DictConfig) -> dict:
     from subspace.utils.io import write_json, write_jsonl
 
     bundle = instantiate(cfg.model)
-    evaluator = Evaluator(bundle, family_for(bundle.model, **bundle.family_options), instantiate(cfg.eval.judge), cfg.eval.max_new_tokens,
+    family = family_for(bundle.model, **bundle.family_options)
+    evaluator = Evaluator(bundle, family, instantiate(cfg.eval.judge), cfg.eval.max_new_tokens,
                           cfg.eval.batch_size, cfg.system_prompt)
     report, rows = {"model": bundle.name, "model_source": bundle.source}, []
     for name, spec in cfg.sets.items():

@@ -51,7 +51,8 @@ def published_state_dict(c: dict, seed: int = 0) -> dict[str, torch.Tensor]:
         for name in BLOCK_KEYS:
             shape = shapes[name]
             scale = 0.1 if len(shape) == 1 else 0.05
-            state[f"model.transformer.blocks.{i}.{name}.weight"] = (1 if len(shape) == 1 else 0) + scale * torch.randn(*shape, generator=g)
+            offset = 1 if len(shape) == 1 else 0
+            state[f"model.transformer.blocks.{i}.{name}.weight"] = offset + scale * torch.randn(*shape, generator=g)
     return state
 
 

@@ -184,7 +184,8 @@ def load_prompts(
 
     ``source`` is a .json/.jsonl/.csv/.txt path, ``"builtin:NAME"``, ``"hf:DATASET"``, or a
     mapping ``{"path" | "hf": ..., "column", "split", "config", "limit", "skip"}`` whose keys override
-    the keyword arguments; ``skip`` drops the first N prompts (e.g. those a model organism was trained on). ``name`` labels the set (e.g. "harmful") in messages.
+    the keyword arguments; ``skip`` drops the first N prompts (e.g. those a model organism was trained
+    on). ``name`` labels the set (e.g. "harmful") in messages.
     """
     config, skip = None, 0
     if isinstance(source, Mapping):

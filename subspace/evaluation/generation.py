@@ -12,7 +12,8 @@ from subspace.families.base import Family
 
 
 @torch.no_grad()
-def generate_responses(family: Family, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *, max_new_tokens: int = 48, batch_size: int = 16,
+def generate_responses(family: Family, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
+                       max_new_tokens: int = 48, batch_size: int = 16,
                        system_prompt: str | None = None, desc: str = "generating", progress: bool = True) -> list[str]:
     """Decoded greedy continuations, in the order of `prompts`.
 

@@ -19,7 +19,7 @@ class CausalFamily(Family):
 
     @torch.no_grad()
     def residuals(self, batch: dict[str, Tensor]) -> Tensor:
-        out = self.model(**batch, output_hidden_states=True, use_cache=False)
+        out = self.model(**batch, output_hidden_states=True, use_cache=False, logits_to_keep=1)
         return torch.stack([h[:, -1, :].float() for h in out.hidden_states[: self.num_layers]])
 
     def response_logprobs(self, batch: dict[str, Tensor]) -> Tensor:

@@ -15,7 +15,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from subspace.families.base import Family, log_softmax32
-from subspace.sampling.masked_diffusion import MaskedDiffusionSampler
+from subspace.sampling.masked_diffusion import MaskedDiffusionSampler, append_canvas
 
 
 class LLaDAFamily(Family):
@@ -31,22 +31,23 @@ class LLaDAFamily(Family):
             raise ValueError(f"kl_positions={kl_positions} must be in 1..canvas_length={canvas_length}")
         self.mask_id: int = model.config.mask_token_id
         self.canvas_length, self.kl_positions = canvas_length, kl_positions
-        self.sampler = sampler if isinstance(sampler, MaskedDiffusionSampler) else MaskedDiffusionSampler(**(sampler or {}))
+        self.sampler = (sampler if isinstance(sampler, MaskedDiffusionSampler)
+                        else MaskedDiffusionSampler(**(sampler or {})))
         # Where the first canvas token is predicted: the last prompt token when logits are shifted, else itself.
         self.decision_offset = -1 if getattr(model.config, "shift_logits", False) else 0
         self.kl_at = f"first {kl_positions} canvas positions, canvas of {canvas_length} masked"
 
     def with_canvas(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """The prompt batch followed by `canvas_length` mask tokens (attended like prompt tokens)."""
-        ids, mask = batch["input_ids"], batch["attention_mask"]
+        ids = batch["input_ids"]
         canvas = torch.full((ids.shape[0], self.canvas_length), self.mask_id, dtype=ids.dtype, device=ids.device)
-        return {"input_ids": torch.cat([ids, canvas], 1),
-                "attention_mask": torch.cat([mask, torch.ones_like(canvas, dtype=mask.dtype)], 1)}
+        ids, mask = append_canvas(ids, batch["attention_mask"], canvas)
+        return {"input_ids": ids, "attention_mask": mask}
 
     @torch.no_grad()
     def residuals(self, batch: dict[str, Tensor]) -> Tensor:
         position = batch["input_ids"].shape[1] + self.decision_offset
-        out = self.model(**self.with_canvas(batch), output_hidden_states=True)
+        out = self.model(**self.with_canvas(batch), output_hidden_states=True, logits_to_keep=1)
         return torch.stack([h[:, position, :].float() for h in out.hidden_states[: self.num_layers]])
 
     def response_logprobs(self, batch: dict[str, Tensor]) -> Tensor:

@@ -190,13 +190,13 @@ def own_answers(model: ModelBundle, fingerprint: dict, prompts: list[str], max_n
 
 
 def build_causal_organism(load_base: Callable[[], ModelBundle], recipe: OrganismRecipe, prompts: Mapping[str, list[str]],
-                          folder: Path, fingerprint: dict | None = None, cache_dir: str | None = None) -> dict:
+                          folder: Path, fingerprint: dict, cache_dir: str | None = None) -> dict:
     """Safety fine-tune: harmful → fixed refusals; harmless and look-alike harmless → the base model's own answers."""
     L.seed_everything(recipe.seed, verbose=False)
     base = load_base()
     family = CausalFamily(base.model)
-    answers = own_answers(base, fingerprint or {}, recipe.answered(prompts), recipe.answer_max_new_tokens,
-                          recipe.answer_batch_size, cache_dir if fingerprint else None, "organism: base answers")
+    answers = own_answers(base, fingerprint, recipe.answered(prompts), recipe.answer_max_new_tokens,
+                          recipe.answer_batch_size, cache_dir, "organism: base answers")
     examples = tokenize_pairs(base.tokenizer, family, recipe.pairs(prompts, answers))
 
     lora = peft.LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, target_modules=list(recipe.lora_targets),

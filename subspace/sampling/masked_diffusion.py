@@ -17,6 +17,12 @@ from torch import Tensor, nn
 REMASKING = ("low_confidence", "random")
 
 
+def append_canvas(input_ids: Tensor, attention_mask: Tensor, canvas: Tensor) -> tuple[Tensor, Tensor]:
+    """(prompt + canvas ids, attention mask): canvas positions are attended like prompt tokens."""
+    ones = torch.ones(canvas.shape, dtype=attention_mask.dtype, device=attention_mask.device)
+    return torch.cat([input_ids, canvas], dim=1), torch.cat([attention_mask, ones], dim=1)
+
+
 def tokens_per_step(block_length: int, steps: int) -> list[int]:
     """How many positions each step commits: as even as possible, the remainder first."""
     base, extra = divmod(block_length, steps)
@@ -72,17 +78,16 @@ class MaskedDiffusionSampler:
         n_blocks, steps = self.schedule(gen_length)
         batch, prompt_length = input_ids.shape
         canvas = torch.full((batch, gen_length), mask_id, dtype=input_ids.dtype, device=input_ids.device)
-        attention_mask = torch.cat([attention_mask, torch.ones_like(canvas, dtype=attention_mask.dtype)], dim=1)
         prompt = torch.zeros(batch, prompt_length + gen_length, dtype=torch.bool, device=input_ids.device)
-        prompt[:, :prompt_length] = attention_mask[:, :prompt_length].bool()
+        prompt[:, :prompt_length] = attention_mask.bool()
         generator = torch.Generator(device=input_ids.device).manual_seed(self.seed)
         for block in range(n_blocks):
             end = (block + 1) * self.block_length
             for k in tokens_per_step(self.block_length, steps):
                 masked = canvas == mask_id
                 masked[:, end:] = False
-                x = torch.cat([input_ids, canvas], dim=1)
-                logits = self._logits(model, x, attention_mask, prompt, mask_id, gen_length).float()
+                x, x_mask = append_canvas(input_ids, attention_mask, canvas)
+                logits = self._logits(model, x, x_mask, prompt, mask_id, gen_length).float()
                 if self.temperature > 0:  # Gumbel-max sampling in float64, as LLaDA does
                     noise = torch.rand(logits.shape, generator=generator, device=x.device, dtype=torch.float64)
                     predicted = (logits.double() / self.temperature - torch.log(-torch.log(noise))).argmax(-1)

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from subspace.families.base import Family
+from subspace.sampling.masked_diffusion import append_canvas
 from subspace.training.sft import adamw_warmup_linear
 
 
@@ -62,8 +63,7 @@ class MaskedDiffusionFinetune(L.LightningModule):
         t = torch.rand(canvas.shape[0], 1, device=canvas.device) * (1 - self.min_ratio) + self.min_ratio
         masked = torch.rand(canvas.shape, device=canvas.device) < t
         noisy = canvas.masked_fill(masked, self.mask_id)
-        ids = torch.cat([batch["prompt"], noisy], 1)
-        attention = torch.cat([batch["prompt_mask"], torch.ones_like(canvas)], 1)
+        ids, attention = append_canvas(batch["prompt"], batch["prompt_mask"], noisy)
         logits = self.model(input_ids=ids, attention_mask=attention, logits_to_keep=canvas.shape[1]).logits.float()
         losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), canvas, reduction="none")
         loss = ((losses * masked / t).sum(1) / canvas.shape[1]).mean()

@@ -98,7 +98,6 @@ class LLaDAModelLM(PreTrainedModel):
 
     config_class = LLaDAConfig
     base_model_prefix = "model"
-    main_input_name = "input_ids"
     _no_split_modules = ["LLaDABlock"]
     _supports_sdpa = True
 
