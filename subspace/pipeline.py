@@ -53,7 +53,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     family = family_for(bundle.model, **bundle.family_options)
     data = instantiate(cfg.data)
     evaluator = Evaluator(bundle, family, instantiate(cfg.eval.judge), cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                          cfg.system_prompt)
+                          cfg.system_prompt, apply=cfg.eval.apply)
     method: Method = instantiate(cfg.method)
     callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
     make_trainer = partial(instantiate, cfg.trainer, callbacks=callbacks, logger=loggers or False,

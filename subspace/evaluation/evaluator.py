@@ -16,10 +16,16 @@ from subspace.families.base import Family
 from subspace.interventions.edit import ProjectionEdit
 from subspace.models.bundle import ModelBundle
 
+APPLY_MODES = ("hooks", "merged")
+
 
 @dataclass
 class Evaluator:
-    """Everything about how a model is judged: sampler settings, judge, batch sizes."""
+    """Everything about how a model is judged: sampler settings, judge, batch sizes, how an edit is applied.
+
+    `apply="hooks"` projects the writers' outputs (activation form); `apply="merged"` adds the edit into the
+    weights for the block and restores them after (weight form: what a merged checkpoint would generate).
+    """
 
     bundle: ModelBundle
     family: Family
@@ -28,9 +34,16 @@ class Evaluator:
     batch_size: int = 16
     system_prompt: str | None = None
     progress: bool = True
+    apply: str = "hooks"
+
+    def __post_init__(self) -> None:
+        if self.apply not in APPLY_MODES:
+            raise ValueError(f"eval.apply={self.apply!r} must be one of {APPLY_MODES}")
 
     def _edited(self, edit: ProjectionEdit | None):
-        return edit.applied(self.bundle.model) if edit is not None else nullcontext()
+        if edit is None:
+            return nullcontext()
+        return edit.merged(self.bundle.model) if self.apply == "merged" else edit.applied(self.bundle.model)
 
     def responses(self, prompts: Sequence[str], edit: ProjectionEdit | None = None, desc: str = "generating",
                   max_new_tokens: int | None = None) -> list[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from subspace.interventions.merge import merged_deltas
 from subspace.interventions.projection import ProjectionHooks
 from subspace.utils.io import atomic_path
 
@@ -20,8 +21,8 @@ from subspace.utils.io import atomic_path
 class ProjectionEdit:
     """`W_s' = (I − λ_s U_s U_sᵀ) W_s` for each residual writer `s` (module name in `sites`).
 
-    The same edit applies as forward hooks on the writers' outputs (activation form) or as
-    rank-k deltas `B A` with `B = −λU`, `A = UᵀW` (weight form, a LoRA with `lora_alpha = r`).
+    The same edit applies as forward hooks on the writers' outputs (activation form, `applied`) or as
+    rank-k deltas `B A` with `B = −λU`, `A = UᵀW` (weight form, a LoRA with `lora_alpha = r`; `merged`).
     """
 
     sites: list[str]
@@ -55,6 +56,15 @@ class ProjectionEdit:
             weight = model.get_submodule(name).weight.detach().float().cpu()
             factors[name] = (basis.T @ weight, -strength * basis)
         return factors
+
+    def weight_deltas(self, model: nn.Module) -> dict[str, Tensor]:
+        """Weight form as full float32 CPU deltas by parameter name, `"<site>.weight": B A`, for `merged_deltas`."""
+        return {f"{site}.weight": b @ a for site, (a, b) in self.lora_factors(model).items()}
+
+    def merged(self, model: nn.Module) -> AbstractContextManager[nn.Module]:
+        """Weight form in place: inside the block the weights are what a merged checkpoint holds (rounding
+        included) and the forward runs unhooked; the originals are copied back bit-exactly after."""
+        return merged_deltas(model, self.weight_deltas(model))
 
     def save(self, path: str | Path) -> None:
         meta = {"sites": json.dumps(self.sites), "meta": json.dumps(self.meta, default=str)}
