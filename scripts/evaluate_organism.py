@@ -15,7 +15,8 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The repository root replaces this script's folder on the path (scripts/profile.py would shadow the standard library's).
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 from subspace.config import register_resolvers  # noqa: E402
 
 register_resolvers()

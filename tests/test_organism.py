@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from subspace.models import organism as organism_module
 from subspace.models.organism import OrganismRecipe, build_once, load_causal_organism, organism_key, own_answers
-from tests.conftest import TINY_ORGANISM
+from tests.conftest import ROOT, TINY_ORGANISM
 
 
 def test_a_cached_organism_is_loaded_not_rebuilt(cache_dir, tiny_organism):
@@ -44,3 +46,16 @@ def test_a_failed_build_leaves_nothing_that_looks_finished(tmp_path):
         build_once(str(tmp_path), "org", "k", broken)
     assert not (tmp_path / "organisms" / "org-k").exists()
     assert build_once(str(tmp_path), "org", "k", lambda folder: {"ok": True}).joinpath("organism.json").exists()
+
+
+def test_evaluate_organism_script_reports_every_set(tmp_path, cache_dir, tiny_organism):
+    """scripts/evaluate_organism.py as a user runs it (also guards its imports against scripts/profile.py
+    shadowing the standard library's `profile`)."""
+    limits = [f"sets.{name}.limit=3" for name in ("harmful_val", "harmless_val", "lookalike_heldout")]
+    cmd = [sys.executable, str(ROOT / "scripts" / "evaluate_organism.py"), "model=tiny_organism",
+           f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path}", "eval.max_new_tokens=4", *limits]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "organism_quality.json").read_text())
+    for name in ("harmful_val", "harmless_val", "lookalike_heldout"):
+        assert report[name]["n"] == 3 and 0 <= report[name]["refusal_rate"] <= 1
