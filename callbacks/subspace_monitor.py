@@ -16,7 +16,14 @@ class SubspaceMonitor(L.Callback):
         self.initial: torch.Tensor | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.initial = orthonormalize(pl_module.subspace.raw.detach()).clone()
+        if self.initial is None:  # a resumed fit keeps the start it was checkpointed with
+            self.initial = orthonormalize(pl_module.subspace.raw.detach()).clone()
+
+    def state_dict(self) -> dict:
+        return {"initial": self.initial}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.initial = state_dict["initial"]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.initial is None or trainer.global_step % self.every_n_steps:

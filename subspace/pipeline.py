@@ -10,13 +10,14 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from subspace.evaluation.evaluator import Evaluator
 from subspace.export.peft_adapter import export_peft_adapter, save_merged_model
 from subspace.families import family_for
 from subspace.methods.base import Method, RunContext
-from subspace.reporting import git_commit, print_summary, versions
+from subspace.reporting import git_commit, git_dirty, print_summary, versions
 from subspace.utils.io import write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,26 @@ def check_output_dir(run_dir: Path, overwrite: bool) -> None:
     if (run_dir / "metrics.json").exists() and not overwrite:
         raise FileExistsError(f"{run_dir} already holds a finished run (metrics.json); choose another "
                               "hydra.run.dir or pass overwrite=true")
+
+
+def resume_checkpoint(ckpt_path: str | None, callbacks: list) -> str | None:
+    """The checkpoint file a resumed run starts from. Lightning itself only warns when `ckpt_path=last` finds
+    nothing and trains from scratch, which would silently redo the run under the name of a resumed one."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path != "last":
+        if not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path} is not a checkpoint file")
+        return ckpt_path
+    dirs = [Path(cb.dirpath) for cb in callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+    found = [path for d in dirs for path in d.glob("last*.ckpt")]
+    if not found:
+        where = ", ".join(map(str, dirs)) if dirs else "no directory: the model_checkpoint callback is off"
+        raise FileNotFoundError(f"ckpt_path=last found no last.ckpt in {where}. Resume an interrupted run with "
+                                "`python train.py ckpt_path=last hydra.run.dir=RUN_DIR` (RUN_DIR: the run directory "
+                                "that holds checkpoints/last.ckpt, with the same overrides as that run), or pass "
+                                "ckpt_path=FILE")
+    return str(max(found, key=lambda path: path.stat().st_mtime))
 
 
 def selection_metrics(evaluator: Evaluator, data, edit) -> dict[str, float]:
@@ -49,16 +70,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         logger.log_hyperparams(resolved)
 
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
+    ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), callbacks)  # before the slow loading
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+
     bundle = instantiate(cfg.model)
     family = family_for(bundle.model, **bundle.family_options)
     data = instantiate(cfg.data)
     evaluator = Evaluator(bundle, family, instantiate(cfg.eval.judge), cfg.eval.max_new_tokens, cfg.eval.batch_size,
                           cfg.system_prompt, apply=cfg.eval.apply)
     method: Method = instantiate(cfg.method)
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()] if cfg.get("callbacks") else []
     make_trainer = partial(instantiate, cfg.trainer, callbacks=callbacks, logger=loggers or False,
                            default_root_dir=str(run_dir))
-    ctx = RunContext(bundle, family, data, evaluator, run_dir, make_trainer, cfg.get("ckpt_path"))
+    ctx = RunContext(bundle, family, data, evaluator, run_dir, make_trainer, ckpt_path)
 
     fit_start = time.time()
     edit = method.fit(ctx)
@@ -82,6 +107,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "fit_seconds": round(fit_seconds, 1), "wall_time_s": round(time.time() - start, 1), "run_dir": str(run_dir),
         "warnings": warnings,
         "model_source": bundle.source, "data": data.fingerprint(), "versions": versions(), "git_commit": git_commit(),
+        "git_dirty": git_dirty(), "resumed_from": ckpt_path, "config": resolved,
     }
     write_json(run_dir / "metrics.json", metrics)
     write_jsonl(run_dir / "samples.jsonl", samples)

@@ -1,16 +1,113 @@
-"""Paired harmful/harmless batches for the subspace objective."""
+"""Paired harmful/harmless batches for the subspace objective, in an order that survives a resume."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from subspace.families.base import Family
+
+
+class ResumableShuffle:
+    """Shuffled index batches of one prompt set, with a position that can be saved and restored.
+
+    The order comes from the very machinery of `DataLoader(range(size), shuffle=True,
+    generator=Generator().manual_seed(seed))`, so runs keep the order they had before resuming
+    existed. The state is that generator's state when the current pass began plus the batches taken
+    from the pass: `resume()` rewinds the generator and skips those batches as index lists (nothing
+    is tokenised), which leaves the generator exactly where it was.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int):
+        if size <= 0 or batch_size <= 0:
+            raise ValueError(f"need ≥ 1 prompt and batch_size ≥ 1, got {size} prompts and batch_size={batch_size}")
+        self.generator = torch.Generator().manual_seed(seed)
+        self.indices = DataLoader(range(size), batch_size=batch_size, shuffle=True, generator=self.generator,
+                                  collate_fn=list)
+        self.pass_start = self.generator.get_state()
+        self.taken = 0
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        """A new pass, as a DataLoader's `iter()`."""
+        self.pass_start, self.taken = self.generator.get_state(), 0
+        return self._count(iter(self.indices))
+
+    def resume(self) -> Iterator[list[int]]:
+        """The rest of the pass the state describes."""
+        self.generator.set_state(self.pass_start)
+        batches = iter(self.indices)
+        for _ in range(self.taken):
+            next(batches)
+        return self._count(batches)
+
+    def _count(self, batches: Iterator[list[int]]) -> Iterator[list[int]]:
+        for indices in batches:
+            self.taken += 1
+            yield indices
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pass_start": self.pass_start.clone(), "taken": self.taken}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pass_start, self.taken = state["pass_start"].clone(), int(state["taken"])
+
+
+class PairedBatches:
+    """Steps of one batch from each stream; an epoch is the longest stream's pass, shorter ones start over
+    when they run out (Lightning's `max_size_cycle`, which the order before resuming came from).
+
+    Lightning checkpoints the position of a train loader only if it has `state_dict`/`load_state_dict`
+    (a plain DataLoader replays its epoch from the start on resume), and it does not call `iter()` again
+    when it resumes. So the pairing lives here, in one stateful iterable: the first `iter()` after
+    `load_state_dict` continues the saved epoch, or starts the next one if the saved one was complete
+    (every stream then starts a new pass, as at any epoch start); every other `iter()` starts a new epoch.
+    The work happens at the first `next()`, so Lightning's probing `iter()` calls change nothing.
+    """
+
+    def __init__(self, streams: dict[str, ResumableShuffle], make_batch: Callable[[str, list[int]], Any]):
+        self.streams, self.make_batch = streams, make_batch
+        self.step = 0  # steps taken in the current epoch
+        self.resuming = False
+
+    def __len__(self) -> int:
+        return max(len(s) for s in self.streams.values())
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        resuming, self.resuming = self.resuming, False
+        if resuming:  # every stream's generator back where the checkpoint left it
+            passes = {name: s.resume() for name, s in self.streams.items()}
+        if not resuming or self.step >= len(self):
+            self.step = 0
+            passes = {name: iter(s) for name, s in self.streams.items()}
+        while self.step < len(self):
+            indices = {name: self._next(name, passes) for name in self.streams}
+            self.step += 1
+            yield {name: self.make_batch(name, ix) for name, ix in indices.items()}
+
+    def _next(self, name: str, passes: dict[str, Iterator[list[int]]]) -> list[int]:
+        try:
+            return next(passes[name])
+        except StopIteration:  # a shorter stream: start it over
+            passes[name] = iter(self.streams[name])
+            return next(passes[name])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "streams": {name: s.state_dict() for name, s in self.streams.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state["streams"]) != set(self.streams):
+            raise ValueError(f"the checkpoint's data streams {sorted(state['streams'])} are not this run's "
+                             f"{sorted(self.streams)}")
+        for name, s in self.streams.items():
+            s.load_state_dict(state["streams"][name])
+        self.step, self.resuming = int(state["step"]), True
 
 
 class PairedPromptDataModule(L.LightningDataModule):
@@ -30,12 +127,18 @@ class PairedPromptDataModule(L.LightningDataModule):
             batch["index"] = torch.tensor(indices)
         return batch
 
-    def _loader(self, prompts: list[str], with_index: bool, seed: int) -> DataLoader:
-        items = list(enumerate(prompts))
-        collate = lambda b: self.collate([p for _, p in b], [i for i, _ in b] if with_index else None)  # noqa: E731
-        return DataLoader(items, batch_size=self.batch_size, shuffle=True, collate_fn=collate,
-                          generator=torch.Generator().manual_seed(seed))
+    def harmless_batches(self) -> list[dict[str, torch.Tensor]]:
+        """The harmless prompts in order, batched: the original distributions are computed on these once and
+        looked up by each training batch's "index"."""
+        starts = range(0, len(self.harmless), self.batch_size)
+        return [self.collate(self.harmless[i: i + self.batch_size]) for i in starts]
 
-    def train_dataloader(self) -> CombinedLoader:
-        return CombinedLoader({"harmful": self._loader(self.harmful, False, self.seed),
-                               "harmless": self._loader(self.harmless, True, self.seed + 1)}, mode="max_size_cycle")
+    def make_batch(self, name: str, indices: list[int]) -> dict[str, torch.Tensor]:
+        if name == "harmful":
+            return self.collate([self.harmful[i] for i in indices])
+        return self.collate([self.harmless[i] for i in indices], indices)
+
+    def train_dataloader(self) -> PairedBatches:
+        streams = {"harmful": ResumableShuffle(len(self.harmful), self.batch_size, self.seed),
+                   "harmless": ResumableShuffle(len(self.harmless), self.batch_size, self.seed + 1)}
+        return PairedBatches(streams, self.make_batch)

@@ -89,10 +89,7 @@ class Subspace:
         ctx.report["refusal_token_ids"] = refusal_ids.tolist()
         datamodule = PairedPromptDataModule(tok, fam, ctx.data["train_harmful"], ctx.data["train_harmless"],
                                             self.batch_size, ctx.evaluator.system_prompt, self.max_length)
-        harmless = ctx.data["train_harmless"]
-        reference_batches = [datamodule.collate(harmless[i: i + self.batch_size])
-                             for i in range(0, len(harmless), self.batch_size)]
-        module = SubspaceModule(fam, [s.name for s in sites], subspace, refusal_ids, reference_batches,
+        module = SubspaceModule(fam, [s.name for s in sites], subspace, refusal_ids, datamodule.harmless_batches(),
                                 self.objective.kl_weight, self.lr, self.strength_lr, meta=self.describe())
         if ctx.make_trainer is None:
             raise ValueError("method=subspace needs a Lightning trainer (cfg.trainer)")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import hashlib
+import random
+from typing import Any, Sequence
 
 import lightning as L
 import torch
@@ -12,6 +14,34 @@ from subspace.interventions.edit import ProjectionEdit
 from subspace.interventions.projection import ProjectionHooks, orthonormalize
 from subspace.families.base import Family
 from subspace.objectives.losses import kl_divergence, refusal_loss
+
+
+def rng_states() -> dict[str, Any]:
+    """The global generators a checkpoint carries, so resumed steps draw what the uninterrupted run would have
+    (the objective draws none today; dropout or a sampling callback would). Lightning saves none of them."""
+    states = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def tensor_digest(tensor: Tensor) -> str:
+    """Content hash of a tensor (dtype, shape and bytes)."""
+    t = tensor.detach().cpu().contiguous()
+    header = f"{t.dtype}{tuple(t.shape)}".encode()
+    return hashlib.sha256(header + t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+
+
+def nonfinite(values: dict[str, Tensor]) -> list[str]:
+    """Names of the tensors that hold a NaN or an infinity."""
+    return [name for name, v in values.items() if v is not None and not torch.isfinite(v).all()]
 
 
 class LearnedSubspace(nn.Module):
@@ -40,6 +70,11 @@ class SubspaceModule(L.LightningModule):
     and optimiser state contain only the subspace. The original harmless distributions are
     computed once (`on_fit_start`) and indexed by prompt. Fit inside `with module.hooks:` so the
     projection hooks are removed however training ends.
+
+    Resuming is exact: a checkpoint also holds the global RNG states and a digest of the original
+    distributions, and a resumed fit stops if the original distributions or the refusal tokens differ
+    from the ones the checkpoint was trained against (the model or the prompts changed). A non-finite
+    loss or gradient stops the fit before the optimiser step, so no checkpoint holds its result.
     """
 
     def __init__(self, family: Family, sites: Sequence[str], subspace: LearnedSubspace, refusal_token_ids: Tensor,
@@ -55,6 +90,10 @@ class SubspaceModule(L.LightningModule):
         self.kl_weight, self.lr, self.strength_lr, self.meta = kl_weight, lr, strength_lr, meta or {}
         self._reference_batches = list(harmless_prompt_batches)
         self.reference: Tensor | None = None
+        self._reference_digest: str | None = None
+        self._checkpoint_reference_digest: str | None = None  # set when resuming
+        self._term_logprobs: dict[str, Tensor] = {}  # this step's log-probs of each term, their gradients kept
+        self._terms: dict[str, Tensor] = {}  # this step's loss terms, for the error messages
         self.hooks = ProjectionHooks([family.model.get_submodule(s) for s in self.sites])
 
     @property
@@ -65,6 +104,26 @@ class SubspaceModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.reference is None:
             self.reference = torch.cat([self.family.response_logprobs(b) for b in self._reference_batches])
+            self._reference_digest = tensor_digest(self.reference)
+        expected = self._checkpoint_reference_digest
+        if expected is not None and expected != self._reference_digest:
+            raise ValueError(f"the checkpoint was trained against original harmless distributions with digest "
+                             f"{expected}, this run computed {self._reference_digest}: the model or the harmless "
+                             "training prompts changed since, so the run cannot be resumed from it")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = rng_states()
+        checkpoint["reference_digest"] = self._reference_digest
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint["state_dict"]["refusal_token_ids"]
+        if not torch.equal(saved.cpu(), self.refusal_token_ids.cpu()):
+            raise ValueError(f"the checkpoint was trained against refusal tokens {saved.tolist()}, this run probed "
+                             f"{self.refusal_token_ids.tolist()}: the model or the harmful training prompts changed "
+                             "since, so the run cannot be resumed from it")
+        self._checkpoint_reference_digest = checkpoint.get("reference_digest")
+        if "rng_states" in checkpoint:
+            set_rng_states(checkpoint["rng_states"])
 
     def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
         bases, strengths = self.subspace()  # one QR per step, shared by every hook
@@ -78,9 +137,31 @@ class SubspaceModule(L.LightningModule):
         loss = refusal + self.kl_weight * kl
         self.log_dict({"train/refusal": refusal, "train/kl": kl, "train/loss": loss,
                        "train/strength": strengths.detach().mean()}, prog_bar=True)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {self.global_step}: refusal={refusal.item()}, kl={kl.item()}")
+        self._terms = {"refusal": refusal.detach(), "kl": kl.detach()}
+        if not torch.isfinite(loss):  # one check per step; a non-finite term makes the sum non-finite (0·inf too)
+            bad = nonfinite(self._terms)
+            what = f"the {' and '.join(bad)} term" if bad else "the sum of finite terms overflowed"
+            raise FloatingPointError(f"non-finite loss at step {self.global_step}: {what}; {self._describe_terms()}")
+        self._term_logprobs = {name: lp for name, lp in (("refusal", harmful), ("kl", harmless)) if lp.requires_grad}
+        for logprobs in self._term_logprobs.values():
+            logprobs.retain_grad()  # to tell, if a gradient turns non-finite, which term's it was
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop before a non-finite gradient reaches the subspace (and so any checkpoint)."""
+        grads = {name: p.grad for name, p in self.named_parameters() if p.requires_grad}
+        if not (bad := nonfinite(grads)):
+            return
+        terms = nonfinite({name: lp.grad for name, lp in self._term_logprobs.items()})
+        origin = (f"it is already non-finite at the log-probabilities of the {' and '.join(terms)} term" if terms else
+                  "the gradients at both terms' log-probabilities are finite, so it arose in the backward pass "
+                  "after them (through the model or the subspace)")
+        raise FloatingPointError(f"non-finite gradient at step {self.global_step} in {', '.join(bad)}: {origin}; "
+                                 f"{self._describe_terms()}")
+
+    def _describe_terms(self) -> str:
+        terms = ", ".join(f"{name}={value.item():.6g}" for name, value in self._terms.items())
+        return f"terms at this step: {terms}; no checkpoint was written for this step"
 
     def configure_optimizers(self):
         groups = [{"params": [self.subspace.raw], "lr": self.lr}]
