@@ -94,9 +94,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     edit.meta.update(method.describe() | {"model": bundle.name})
     edit.save(run_dir / "edit.safetensors")
-    export_peft_adapter(edit, bundle.model, run_dir / "adapter", bundle.source.get("organism") or bundle.source.get("pretrained"))
-    if cfg.export_merged:
-        save_merged_model(edit, bundle.model, bundle.tokenizer, run_dir / "merged")
+    if edit.has_weight_form(bundle.model):
+        base_name = bundle.source.get("organism") or bundle.source.get("pretrained")
+        export_peft_adapter(edit, bundle.model, run_dir / "adapter", base_name)
+        if cfg.export_merged:
+            save_merged_model(edit, bundle.model, bundle.tokenizer, run_dir / "merged")
+    else:
+        log.warning("this edit projects a block's output (moe_scope=layer_output): it has no weight form, so no "
+                    "adapter or merged model is exported; edit.safetensors applies it as hooks")
 
     warnings = []
     if results["refusal_rate_before"] == 0:

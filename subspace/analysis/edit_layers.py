@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from subspace.analysis.statistics import span
-from subspace.families.base import Family
+from subspace.families.base import SITE_KINDS, Family
 from subspace.interventions.edit import ProjectionEdit
 
 
@@ -26,7 +26,7 @@ def check_edit_fits(edit: ProjectionEdit, family: Family) -> dict[str, int]:
     """Each edit site's decoder layer; fails naming the sites or width that do not belong to this model."""
     if not edit.sites:
         raise ValueError("the edit has no sites: there is no subspace to compare with")
-    layer_of = {site.name: site.layer for site in family.writer_sites()}
+    layer_of = {site.name: site.layer for site in family.writer_sites(kinds=SITE_KINDS)}
     unknown = [s for s in edit.sites if s not in layer_of]
     if unknown:
         raise ValueError(f"edit sites {unknown[:3]}{' …' if len(unknown) > 3 else ''} are not residual writers of "

@@ -1,4 +1,9 @@
-"""A projection edit is exactly a rank-k LoRA (`B = −λU`, `A = UᵀW`, `lora_alpha = r`): write it in PEFT's format."""
+"""A projection edit is exactly a rank-k LoRA (`B = −λU`, `A = UᵀW`, `lora_alpha = r`): write it in PEFT's format.
+
+Linear writers are LoRA `target_modules`; stacked expert weights (fused MoE experts, `[E, d, in]`) are LoRA
+`target_parameters`, which PEFT wraps in a `ParamWrapper` holding every expert's pair in one `lora_A`
+`[E·k, in]` (row `e·k + j` is expert e's A row j) and one `lora_B` `[d, k·E]` (column `j·E + e`).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,27 @@ from safetensors.torch import save_file
 from torch import nn
 
 from subspace.interventions.edit import ProjectionEdit
+from subspace.interventions.sites import resolve_sites
 from subspace.utils.io import atomic_dir
+
+
+def _retargeted_by_peft(config: LoraConfig, model: nn.Module) -> set[str]:
+    """Target modules PEFT itself would re-target on load: for MoE model types whose experts transformers 5 fused,
+    its v4→v5 shim reads a module target named like a v4 expert projection (`*.down_proj` of a Qwen-MoE or OLMoE
+    model: a dense layer's MLP, a shared expert) as the stacked expert parameter. Asked of PEFT, not guessed."""
+    try:
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:  # a PEFT without the shim targets modules as named
+        return set()
+    trial = copy.deepcopy(config)
+    convert_peft_config_for_transformers(trial, model=model, conversions=None)
+    return set(config.target_modules) - set(trial.target_modules)
+
+
+def _stacked_lora(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert factors A [E, k, in], B [E, d, k] in PEFT ParamWrapper's layout: ([E·k, in], [d, k·E])."""
+    experts, d, k = b.shape
+    return a.reshape(experts * k, -1), b.permute(1, 2, 0).reshape(d, k * experts)
 
 
 def export_peft_adapter(edit: ProjectionEdit, model: nn.Module, out_dir: str | Path, base_model: str | None = None) -> Path:
@@ -21,10 +46,20 @@ def export_peft_adapter(edit: ProjectionEdit, model: nn.Module, out_dir: str | P
     """
     dtype = next(model.parameters()).dtype
     task_type = "CAUSAL_LM" if getattr(model, "can_generate", lambda: False)() else None  # diffusion models: plain PeftModel
-    config = LoraConfig(r=edit.rank, lora_alpha=edit.rank, target_modules=list(edit.sites), lora_dropout=0.0,
-                        bias="none", task_type=task_type, base_model_name_or_path=base_model)
+    sites = resolve_sites(model, edit.sites, edit.expert_masks)
+    stacked = {site.name for site in sites if site.stacked}
+    settings = dict(r=edit.rank, lora_alpha=edit.rank, lora_dropout=0.0, bias="none", task_type=task_type,
+                    base_model_name_or_path=base_model)
+    modules = [s.name for s in sites if not s.stacked]
+    retargeted = _retargeted_by_peft(LoraConfig(target_modules=modules, **settings), model)
+    # A retargeted Linear is named by its weight instead: a 2-D ParamWrapper is an ordinary LoRA, same keys and shapes.
+    parameters = sorted(stacked) + [f"{name}.weight" for name in modules if name in retargeted]
+    config = LoraConfig(target_modules=[name for name in modules if name not in retargeted],
+                        **({"target_parameters": parameters} if parameters else {}), **settings)
     tensors = {}
     for site, (a, b) in edit.lora_factors(model).items():
+        if site in stacked:  # PEFT keys a parameter's LoRA by the module holding it
+            site, (a, b) = site.rpartition(".")[0], _stacked_lora(a, b)
         tensors[f"base_model.model.{site}.lora_A.weight"] = a.to(dtype).contiguous()
         tensors[f"base_model.model.{site}.lora_B.weight"] = b.to(dtype).contiguous()
     with atomic_dir(out_dir) as tmp:
@@ -37,9 +72,9 @@ def export_peft_adapter(edit: ProjectionEdit, model: nn.Module, out_dir: str | P
 def save_merged_model(edit: ProjectionEdit, model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
     """A plain transformers checkpoint with `W ← W + B A` applied to a copy (the loaded model is untouched)."""
     merged = copy.deepcopy(model)
-    for site, (a, b) in edit.lora_factors(model).items():
-        weight = merged.get_submodule(site).weight
-        weight.copy_((weight.float() + b @ a).to(weight.dtype))
+    for name, delta in edit.weight_deltas(model).items():
+        weight = merged.get_parameter(name)
+        weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
     with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -6,7 +6,7 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
-from subspace.families.base import Family, WriterSite
+from subspace.families.base import SITE_KINDS, WRITER_KINDS, Family, WriterSite
 from subspace.families.causal import CausalFamily
 from subspace.families.llada import LLaDAFamily
 
@@ -23,4 +23,4 @@ def family_for(model: PreTrainedModel, **options: Any) -> Family:
     return CausalFamily(model)
 
 
-__all__ = ["CausalFamily", "Family", "LLaDAFamily", "WriterSite", "family_for"]
+__all__ = ["SITE_KINDS", "WRITER_KINDS", "CausalFamily", "Family", "LLaDAFamily", "WriterSite", "family_for"]

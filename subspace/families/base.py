@@ -7,21 +7,36 @@ decision is read (`residuals`), the next-token distributions the objective compa
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from subspace.families.moe import MoEBlock, find_moe_block, recorded_routing
+
+# Residual writers with a weight form (the default sites); "moe_out" is a MoE block's combined output (hooks only).
+WRITER_KINDS = ("attn_out", "mlp_out", "expert_out", "shared_expert_out")
+SITE_KINDS = WRITER_KINDS + ("moe_out",)
+
 
 @dataclass(frozen=True)
 class WriterSite:
-    """A matrix whose output is added to the residual stream after decoder layer `layer`."""
+    """A matrix (or, for kind "moe_out", a block) whose output is added to the residual stream in layer `layer`.
+
+    `name` is a module name, except for fused experts ("expert_out" with `expert` None), where it names the
+    3-D parameter `[num_experts, d, in]` holding every expert's down-projection. `experts` is the experts
+    module whose routing decides which of the site's slices run; `expert` the index of a ModuleList expert.
+    """
 
     name: str
     layer: int
-    kind: str  # "attn_out" | "mlp_out"
+    kind: str  # one of SITE_KINDS
+    experts: str | None = None
+    expert: int | None = None
 
 
 def get_submodule(module: nn.Module, dotted: str) -> nn.Module | None:
@@ -63,19 +78,52 @@ class Family:
             )
         return layer % self.num_layers
 
-    def writer_sites(self, layers: Sequence[int] | None = None, kinds: Sequence[str] = ("attn_out", "mlp_out")) -> list[WriterSite]:
-        """Every residual writer in the chosen layers, in forward order."""
+    @cached_property
+    def moe_blocks(self) -> dict[int, MoEBlock]:
+        """The mixture-of-experts block of each MoE layer, by layer index (empty for a dense model)."""
+        return {i: block for i, layer in enumerate(self.layers) if (block := find_moe_block(layer)) is not None}
+
+    def writer_sites(self, layers: Sequence[int] | None = None,
+                     kinds: Sequence[str] = WRITER_KINDS) -> list[WriterSite]:
+        """Every residual writer of the given kinds in the chosen layers, in forward order.
+
+        A dense layer's MLP writes through "mlp_out"; a MoE layer's through every expert's down-projection
+        ("expert_out": one fused site, or one per ModuleList expert) and its shared expert's ("shared_expert_out"),
+        or, if asked for, through the block's combined output ("moe_out").
+        """
+        if unknown := sorted(set(kinds) - set(SITE_KINDS)):
+            raise ValueError(f"unknown writer kinds {unknown}; valid kinds are {SITE_KINDS}")
         chosen = range(self.num_layers) if layers is None else [self.check_layer(i) for i in layers]
         sites: list[WriterSite] = []
         for i in chosen:
-            for kind, candidates in (("attn_out", self.ATTENTION_WRITERS), ("mlp_out", self.MLP_WRITERS)):
-                if kind not in kinds:
-                    continue
-                rel = next((c for c in candidates if isinstance(get_submodule(self.layers[i], c), nn.Linear)), None)
-                if rel is None:
-                    raise TypeError(f"layer {i} of {type(self.model).__name__} has no {kind} Linear among {candidates}")
-                sites.append(WriterSite(f"{self.layers_path}.{i}.{rel}", i, kind))
+            if "attn_out" in kinds:
+                sites.append(self._linear_site(i, "attn_out", self.ATTENTION_WRITERS))
+            if i in self.moe_blocks:
+                sites += self._moe_sites(i, self.moe_blocks[i], kinds)
+            elif "mlp_out" in kinds:
+                sites.append(self._linear_site(i, "mlp_out", self.MLP_WRITERS))
         return sites
+
+    def _linear_site(self, i: int, kind: str, candidates: Sequence[str]) -> WriterSite:
+        rel = next((c for c in candidates if isinstance(get_submodule(self.layers[i], c), nn.Linear)), None)
+        if rel is None:
+            raise TypeError(f"layer {i} of {type(self.model).__name__} has no {kind} Linear among {candidates}")
+        return WriterSite(f"{self.layers_path}.{i}.{rel}", i, kind)
+
+    def _moe_sites(self, i: int, block: MoEBlock, kinds: Sequence[str]) -> list[WriterSite]:
+        prefix = f"{self.layers_path}.{i}"
+        experts = f"{prefix}.{block.experts}"
+        sites = [WriterSite(f"{prefix}.{block.block}", i, "moe_out", experts)] if "moe_out" in kinds else []
+        if "expert_out" in kinds:
+            sites += [WriterSite(f"{prefix}.{writer}", i, "expert_out", experts, None if block.fused else e)
+                      for e, writer in enumerate(block.writers)]
+        if "shared_expert_out" in kinds and block.shared is not None:
+            sites.append(WriterSite(f"{prefix}.{block.shared}", i, "shared_expert_out"))
+        return sites
+
+    def recorded_routing(self) -> AbstractContextManager[dict[str, Tensor]]:
+        """Records which experts fire on the forwards run inside the block: {experts module name: bool [E]}."""
+        return recorded_routing(self.model, {f"{self.layers_path}.{i}": b for i, b in self.moe_blocks.items()})
 
     def chat_batch(self, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], system_prompt: str | None = None,
                    max_length: int | None = None) -> dict[str, Tensor]:

@@ -1,4 +1,5 @@
-"""Decoder-only (causal) transformers: Llama, Qwen, Mistral, Gemma, SmolLM2 and kin."""
+"""Decoder-only (causal) transformers: Llama, Qwen, Mistral, Gemma, SmolLM2 and kin, and their mixture-of-experts
+variants (Qwen-MoE, OLMoE, Mixtral), whose expert writers the base `Family` finds (`subspace.families.moe`)."""
 
 from __future__ import annotations
 

@@ -13,8 +13,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from subspace.interventions.merge import merged_deltas
-from subspace.interventions.projection import ProjectionHooks
+from subspace.interventions.projection import ProjectionHooks, weight_factors
+from subspace.interventions.sites import resolve_sites
 from subspace.utils.io import atomic_path
+
+MASK_PREFIX = "expert_mask."  # saved tensors "expert_mask.<site>": uint8 [num_experts]
 
 
 @dataclass
@@ -23,12 +26,16 @@ class ProjectionEdit:
 
     The same edit applies as forward hooks on the writers' outputs (activation form, `applied`) or as
     rank-k deltas `B A` with `B = −λU`, `A = UᵀW` (weight form, a LoRA with `lora_alpha = r`; `merged`).
+    A site may also name stacked expert weights `[num_experts, d, in]` (fused MoE experts): every expert's
+    slice is edited, in weight form in both cases, or only those flagged in `expert_masks[site]`.
+    A site naming another module (a MoE block's output) has the activation form only.
     """
 
     sites: list[str]
     bases: Tensor  # [S, d, k], float32, orthonormal columns
     strengths: Tensor  # [S], float32
     meta: dict = field(default_factory=dict)
+    expert_masks: dict[str, Tensor] = field(default_factory=dict)  # site → bool [num_experts]; absent: every expert
 
     def __post_init__(self) -> None:
         self.bases = self.bases.detach().float().cpu()
@@ -36,6 +43,9 @@ class ProjectionEdit:
         if self.bases.ndim != 3 or self.bases.shape[0] != len(self.sites) or self.strengths.shape != (len(self.sites),):
             raise ValueError(f"edit shapes disagree: {len(self.sites)} sites, bases {tuple(self.bases.shape)}, "
                              f"strengths {tuple(self.strengths.shape)}")
+        self.expert_masks = {site: mask.detach().bool().cpu() for site, mask in self.expert_masks.items()}
+        if unknown := sorted(set(self.expert_masks) - set(self.sites)):
+            raise ValueError(f"expert masks given for {unknown}, which are not among the edit's sites")
 
     @property
     def rank(self) -> int:
@@ -44,22 +54,25 @@ class ProjectionEdit:
     @contextmanager
     def applied(self, model: nn.Module) -> Iterator[nn.Module]:
         """Activation form: the model behaves edited inside the block, untouched outside it."""
-        modules = [model.get_submodule(name) for name in self.sites]
-        with ProjectionHooks(modules) as hooks:
+        with ProjectionHooks.for_sites(model, self.sites, self.expert_masks) as hooks:
             hooks.set(self.bases, self.strengths)
             yield model
 
+    def has_weight_form(self, model: nn.Module) -> bool:
+        """False when a site is a block's output (moe_scope=layer_output): hooks only, no merge or export."""
+        return all(site.parameter is not None for site in resolve_sites(model, self.sites, self.expert_masks))
+
     def lora_factors(self, model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
-        """Weight form per site: (A [k, in], B [d, k]) with W' = W + B A."""
-        factors = {}
-        for name, basis, strength in zip(self.sites, self.bases, self.strengths):
-            weight = model.get_submodule(name).weight.detach().float().cpu()
-            factors[name] = (basis.T @ weight, -strength * basis)
-        return factors
+        """Weight form per site: (A [k, in], B [d, k]) with W' = W + B A; stacked experts: A [E, k, in], B [E, d, k]."""
+        sites = resolve_sites(model, self.sites, self.expert_masks)
+        return {site.name: weight_factors(site.weight.detach().float().cpu(), basis, strength, site.expert_mask)
+                for site, basis, strength in zip(sites, self.bases, self.strengths)}
 
     def weight_deltas(self, model: nn.Module) -> dict[str, Tensor]:
-        """Weight form as full float32 CPU deltas by parameter name, `"<site>.weight": B A`, for `merged_deltas`."""
-        return {f"{site}.weight": b @ a for site, (a, b) in self.lora_factors(model).items()}
+        """Weight form as full float32 CPU deltas by parameter name, for `merged_deltas`: `"<site>.weight": B A`
+        for a linear writer, `"<site>": B A` ([E, d, in]) for stacked experts."""
+        names = {site.name: site.parameter_name for site in resolve_sites(model, self.sites, self.expert_masks)}
+        return {names[site]: b @ a for site, (a, b) in self.lora_factors(model).items()}
 
     def merged(self, model: nn.Module) -> AbstractContextManager[nn.Module]:
         """Weight form in place: inside the block the weights are what a merged checkpoint holds (rounding
@@ -68,8 +81,11 @@ class ProjectionEdit:
 
     def save(self, path: str | Path) -> None:
         meta = {"sites": json.dumps(self.sites), "meta": json.dumps(self.meta, default=str)}
+        tensors = {"bases": self.bases.contiguous(), "strengths": self.strengths.contiguous()}
+        tensors |= {f"{MASK_PREFIX}{site}": mask.to(torch.uint8).contiguous()
+                    for site, mask in self.expert_masks.items()}
         with atomic_path(path) as tmp:
-            save_file({"bases": self.bases.contiguous(), "strengths": self.strengths.contiguous()}, str(tmp), metadata=meta)
+            save_file(tensors, str(tmp), metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "ProjectionEdit":
@@ -78,4 +94,6 @@ class ProjectionEdit:
         with safe_open(str(path), "pt") as f:
             header = f.metadata()
         tensors = load_file(str(path))
-        return cls(json.loads(header["sites"]), tensors["bases"], tensors["strengths"], json.loads(header["meta"]))
+        masks = {name[len(MASK_PREFIX):]: t.bool() for name, t in tensors.items() if name.startswith(MASK_PREFIX)}
+        return cls(json.loads(header["sites"]), tensors["bases"], tensors["strengths"], json.loads(header["meta"]),
+                   masks)

@@ -1,4 +1,5 @@
-"""Activation-form projection: x ← x − λ·U Uᵀ x at the output of residual writers."""
+"""Projection maths, and hooks applying it while a model runs: x ← x − λ·U Uᵀ x at the output of residual
+writers, or W ← (I − λ·U Uᵀ) W on stacked expert weights, whose per-expert outputs are never materialised."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, nn
+
+from subspace.interventions.sites import Site, resolve_sites
 
 
 def orthonormalize(raw: Tensor) -> Tensor:
@@ -23,35 +26,93 @@ def project_out(x: Tensor, basis: Tensor, strength: Tensor | float = 1.0) -> Ten
     return (xf - strength * (coords @ basis.transpose(-1, -2))).to(x.dtype)
 
 
-class ProjectionHooks:
-    """Forward hooks that project each writer's output out of its site's subspace.
+def weight_factors(weight: Tensor, basis: Tensor, strength: Tensor | float = 1.0,
+                   expert_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(A, B) with `(I − λUUᵀ) W = W + B A`, float32: `A = UᵀW`, `B = −λU` (a rank-k LoRA, `lora_alpha = r`).
 
-    The bases are set per forward (`set`) so a trainable subspace is orthonormalised once per
-    step and every hook sees the same tensors; nothing in the model is copied or modified.
+    For stacked expert weights `W [E, d, in]` the factors are per expert, `A [E, k, in]` and `B [E, d, k]`, all
+    experts in one product; `expert_mask [E]` zeroes B for the experts left unedited.
+    """
+    a = basis.transpose(-1, -2) @ weight.float()
+    b = -torch.as_tensor(strength, dtype=torch.float32, device=basis.device) * basis
+    if weight.ndim == 3:
+        b = (b.expand(weight.shape[0], -1, -1) if expert_mask is None
+             else expert_mask.to(basis.device, torch.float32)[:, None, None] * b)
+    return a, b
+
+
+def projected_weight(weight: Tensor, basis: Tensor, strength: Tensor | float = 1.0,
+                     expert_mask: Tensor | None = None) -> Tensor:
+    """`(I − λUUᵀ) W` (for the experts masked in): float32 maths, W's dtype out; differentiable in U and λ."""
+    a, b = weight_factors(weight, basis, strength, expert_mask)
+    return (weight.float() + b @ a).to(weight.dtype)
+
+
+class ProjectionHooks:
+    """While entered, each site is edited by its subspace: writer outputs are projected (forward hooks) and
+    stacked expert weights are swapped for their projected copy for the duration of the experts' forward.
+
+    The bases are set per forward (`set`) so a trainable subspace is orthonormalised once per step and every
+    hook sees the same tensors; with no bases set (`bases = None`) the model runs unedited. Nothing in the
+    model is modified outside a forward; the expert weights are restored after it even if it raises.
     """
 
-    def __init__(self, modules: Sequence[nn.Module]):
-        self.modules = list(modules)
+    def __init__(self, targets: Sequence[nn.Module | Site]):
+        self.sites = [t if isinstance(t, Site) else Site(type(t).__name__, t, "output") for t in targets]
         self.bases: Tensor | None = None  # [S, d, k]
         self.strengths: Tensor | None = None  # [S]
         self._handles: list = []
 
+    @classmethod
+    def for_sites(cls, model: nn.Module, names: Sequence[str],
+                  expert_masks: dict[str, Tensor] | None = None) -> "ProjectionHooks":
+        """Hooks for an edit's sites by name (modules, or stacked-experts parameters with optional expert masks)."""
+        return cls(resolve_sites(model, list(names), expert_masks))
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        return [site.module for site in self.sites]
+
     def set(self, bases: Tensor, strengths: Tensor) -> "ProjectionHooks":
-        if bases.shape[0] != len(self.modules) or strengths.shape[0] != len(self.modules):
-            raise ValueError(f"got {bases.shape[0]} bases and {strengths.shape[0]} strengths for {len(self.modules)} sites")
+        if bases.shape[0] != len(self.sites) or strengths.shape[0] != len(self.sites):
+            raise ValueError(f"got {bases.shape[0]} bases and {strengths.shape[0]} strengths "
+                             f"for {len(self.sites)} sites")
         self.bases, self.strengths = bases, strengths
         return self
 
-    def _hook(self, index: int):
-        def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> Tensor:
+    def _output_hook(self, index: int):
+        def hook(_module: nn.Module, _inputs: tuple, output):
             if self.bases is None:
                 return output
-            basis = self.bases[index].to(output.device)
-            return project_out(output, basis, self.strengths[index].to(output.device))
+            hidden = output[0] if isinstance(output, tuple) else output
+            basis, strength = self.bases[index].to(hidden.device), self.strengths[index].to(hidden.device)
+            projected = project_out(hidden, basis, strength)
+            return (projected, *output[1:]) if isinstance(output, tuple) else projected
         return hook
 
+    def _weight_hooks(self, index: int) -> list:
+        """Swap the stacked weights for their projected copy around the experts' forward (the module reads it as an
+        attribute, as `torch.func.functional_call` would pass it), and put the parameter back after, always."""
+        site = self.sites[index]
+        original = site.weight
+
+        def swap_in(module: nn.Module, _inputs: tuple) -> None:
+            if self.bases is not None:
+                basis, strength = self.bases[index].to(original.device), self.strengths[index].to(original.device)
+                module._parameters[site.parameter] = projected_weight(original, basis, strength, site.expert_mask)
+
+        def restore(module: nn.Module, _inputs: tuple, _output) -> None:
+            module._parameters[site.parameter] = original
+
+        return [site.module.register_forward_pre_hook(swap_in),
+                site.module.register_forward_hook(restore, always_call=True)]
+
     def __enter__(self) -> "ProjectionHooks":
-        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules)]
+        for i, site in enumerate(self.sites):
+            if site.stacked:
+                self._handles += self._weight_hooks(i)
+            else:
+                self._handles.append(site.module.register_forward_hook(self._output_hook(i)))
         return self
 
     def __exit__(self, *exc) -> None:

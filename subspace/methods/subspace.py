@@ -13,6 +13,7 @@ from subspace.data.datamodule import PairedPromptDataModule
 from subspace.interventions.edit import ProjectionEdit
 from subspace.methods.base import RunContext
 from subspace.methods.directions import class_means
+from subspace.methods.moe_scope import calibration, check_moe_scope, scoped_sites
 from subspace.objectives.refusal_kl import RefusalKLObjective
 from subspace.training.subspace_module import LearnedSubspace, SubspaceModule
 
@@ -22,7 +23,11 @@ SCOPES = ("global", "per_layer")
 
 @dataclass
 class Subspace:
-    """Learn U (rank k) against refusal + λ·KL; `scope` is one global U or one U per edited layer."""
+    """Learn U (rank k) against refusal + λ·KL; `scope` is one global U or one U per edited layer.
+
+    `moe_scope` says what of a MoE layer is edited (see `subspace.methods.moe_scope`); every site of a layer,
+    expert slices included, shares the layer's U.
+    """
 
     objective: RefusalKLObjective
     rank: int = 4
@@ -35,6 +40,7 @@ class Subspace:
     lr: float = 1e-2
     batch_size: int = 8
     max_length: int | None = 256
+    moe_scope: str = "all_experts"
     name: str = "subspace"
 
     def __post_init__(self) -> None:
@@ -46,11 +52,12 @@ class Subspace:
             raise ValueError(f"method.rank={self.rank} must be a positive integer")
         if not 0 <= self.min_depth < 1:
             raise ValueError(f"method.min_depth={self.min_depth} must be in [0, 1) (a fraction of the model's depth)")
+        check_moe_scope(self.moe_scope)
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "rank": self.rank, "scope": self.scope, "kl_weight": self.objective.kl_weight,
                 "lr": self.lr, "layers": list(self.layers) if self.layers is not None else f"from depth {self.min_depth}",
-                "learn_strength": self.learn_strength, "strength_init": self.strength_init}
+                "learn_strength": self.learn_strength, "strength_init": self.strength_init, "moe_scope": self.moe_scope}
 
     def edited_layers(self, num_layers: int) -> Sequence[int]:
         """`layers` if given, else every layer from `min_depth` of the depth on (early layers hold no refusal
@@ -77,10 +84,12 @@ class Subspace:
         fam, tok = ctx.family, ctx.bundle.tokenizer
         if self.rank >= fam.hidden_size:
             raise ValueError(f"method.rank={self.rank} must be < hidden size {fam.hidden_size}")
-        means = class_means(fam, tok, ctx.data["train_harmful"], ctx.data["train_harmless"],
-                            system_prompt=ctx.evaluator.system_prompt)
+        with calibration(fam, self.moe_scope) as fired:
+            means = class_means(fam, tok, ctx.data["train_harmful"], ctx.data["train_harmless"],
+                                system_prompt=ctx.evaluator.system_prompt)
         ctx.report["class_mean_cosine"] = means.cosine.tolist()
-        sites = fam.writer_sites(self.edited_layers(fam.num_layers))
+        scoped = scoped_sites(fam, self.edited_layers(fam.num_layers), self.moe_scope, fired)
+        sites = scoped.sites
         layers = sorted({s.layer for s in sites})
         groups = [layers.index(s.layer) if self.scope == "per_layer" else 0 for s in sites]
         subspace = LearnedSubspace(self.initial_bases(means.difference, layers), groups, self.learn_strength,
@@ -89,8 +98,9 @@ class Subspace:
         ctx.report["refusal_token_ids"] = refusal_ids.tolist()
         datamodule = PairedPromptDataModule(tok, fam, ctx.data["train_harmful"], ctx.data["train_harmless"],
                                             self.batch_size, ctx.evaluator.system_prompt, self.max_length)
-        module = SubspaceModule(fam, [s.name for s in sites], subspace, refusal_ids, datamodule.harmless_batches(),
-                                self.objective.kl_weight, self.lr, self.strength_lr, meta=self.describe())
+        module = SubspaceModule(fam, scoped.names, subspace, refusal_ids, datamodule.harmless_batches(),
+                                self.objective.kl_weight, self.lr, self.strength_lr, meta=self.describe(),
+                                expert_masks=scoped.expert_masks)
         if ctx.make_trainer is None:
             raise ValueError("method=subspace needs a Lightning trainer (cfg.trainer)")
         trainer = ctx.make_trainer()

@@ -79,7 +79,7 @@ class SubspaceModule(L.LightningModule):
 
     def __init__(self, family: Family, sites: Sequence[str], subspace: LearnedSubspace, refusal_token_ids: Tensor,
                  harmless_prompt_batches: Sequence[dict[str, Tensor]] = (), kl_weight: float = 1.0, lr: float = 1e-2,
-                 strength_lr: float = 5e-2, meta: dict | None = None):
+                 strength_lr: float = 5e-2, meta: dict | None = None, expert_masks: dict[str, Tensor] | None = None):
         super().__init__()
         if kl_weight < 0:
             raise ValueError(f"objective.kl_weight={kl_weight} must be ≥ 0")
@@ -94,7 +94,8 @@ class SubspaceModule(L.LightningModule):
         self._checkpoint_reference_digest: str | None = None  # set when resuming
         self._term_logprobs: dict[str, Tensor] = {}  # this step's log-probs of each term, their gradients kept
         self._terms: dict[str, Tensor] = {}  # this step's loss terms, for the error messages
-        self.hooks = ProjectionHooks([family.model.get_submodule(s) for s in self.sites])
+        self.expert_masks = dict(expert_masks or {})  # stacked-experts site → experts it edits (absent: all)
+        self.hooks = ProjectionHooks.for_sites(family.model, self.sites, self.expert_masks)
 
     @property
     def family(self) -> Family:
@@ -172,4 +173,4 @@ class SubspaceModule(L.LightningModule):
     def to_edit(self) -> ProjectionEdit:
         with torch.no_grad():
             bases, strengths = self.subspace()
-        return ProjectionEdit(self.sites, bases, strengths, dict(self.meta))
+        return ProjectionEdit(self.sites, bases, strengths, dict(self.meta), self.expert_masks)

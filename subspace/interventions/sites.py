@@ -1,0 +1,80 @@
+"""What an edit's site name points at in a model, and so which forms of the edit it supports.
+
+- a linear writer (2-D `weight` [d, in]): projected at its output (hooks) or in its weight `W ← (I − λUUᵀ)W`;
+- stacked expert weights, a 3-D parameter `[num_experts, d, in]` (fused MoE experts): edited in weight form
+  only, since the experts' separate outputs are never materialised; `expert_mask` limits the edit to
+  some experts (moe_scope=active_only);
+- any other module (a MoE block, for moe_scope=layer_output): projected at its output only; it has no weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+
+FORMS = ("linear", "stacked", "output")
+
+
+@dataclass(frozen=True)
+class Site:
+    """A resolved site: what the hooks attach to and what the weight form edits."""
+
+    name: str
+    module: nn.Module  # the writer; for stacked experts, the module holding the parameter
+    form: str  # one of FORMS
+    parameter: str | None = None  # "weight" of a linear writer, the stacked experts' parameter; None: output only
+    expert_mask: Tensor | None = None  # bool [num_experts], stacked experts only
+
+    @property
+    def stacked(self) -> bool:
+        """Stacked expert weights: the edit is applied to the parameter, never to an output."""
+        return self.form == "stacked"
+
+    @property
+    def weight(self) -> nn.Parameter:
+        if self.parameter is None:
+            raise ValueError(f"site {self.name!r} is the output of a {type(self.module).__name__}, which has no weight "
+                             "form (moe_scope=layer_output edits are hooks only; for merging or export use "
+                             "moe_scope=all_experts, its exact weight form on blocks that sum their experts' outputs)")
+        return self.module._parameters[self.parameter]
+
+    @property
+    def parameter_name(self) -> str:
+        """The parameter's name in the model, as `named_parameters` spells it."""
+        return self.name if self.stacked else f"{self.name}.{self.parameter}"
+
+
+def resolve_site(model: nn.Module, name: str, expert_mask: Tensor | None = None) -> Site:
+    """The site called `name`: a module name, or the name of a 3-D stacked-experts parameter."""
+    parent_name, _, attr = name.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_name) if parent_name else model
+        stacked = parent._parameters.get(attr)
+        module = model.get_submodule(name) if stacked is None else None
+    except AttributeError as err:
+        raise ValueError(f"site {name!r} is neither a module nor a stacked-experts parameter of "
+                         f"{type(model).__name__}") from err
+    if stacked is not None:
+        if stacked.ndim != 3:
+            raise ValueError(f"site {name!r} is a {stacked.ndim}-D parameter; a parameter site must be stacked expert "
+                             "weights [num_experts, d, in] (name a Linear module for a 2-D weight)")
+        if expert_mask is not None and tuple(expert_mask.shape) != (stacked.shape[0],):
+            raise ValueError(f"expert mask for {name!r} has shape {tuple(expert_mask.shape)}, "
+                             f"expected ({stacked.shape[0]},): one flag per expert")
+        return Site(name, parent, "stacked", attr, None if expert_mask is None else expert_mask.bool().cpu())
+    if expert_mask is not None:
+        raise ValueError(f"site {name!r} is a {type(module).__name__}, not stacked expert weights: an expert mask "
+                         "only applies to a 3-D experts parameter")
+    weight = module._parameters.get("weight")
+    if weight is not None and weight.ndim == 2:  # nn.Linear and look-alikes: out = W x (+ b)
+        return Site(name, module, "linear", "weight")
+    return Site(name, module, "output")
+
+
+def resolve_sites(model: nn.Module, names: list[str], expert_masks: dict[str, Tensor] | None = None) -> list[Site]:
+    masks = expert_masks or {}
+    if unknown := sorted(set(masks) - set(names)):
+        raise ValueError(f"expert masks given for {unknown}, which are not among the edit's sites")
+    return [resolve_site(model, name, masks.get(name)) for name in names]
