@@ -5,9 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from subspace.config import register_resolvers
+from subspace.sweeps.objectives import sweep_objectives
 
 register_resolvers()
 
@@ -17,8 +20,7 @@ def main(cfg: DictConfig) -> Any:
     from subspace.pipeline import run  # heavy imports after Hydra has parsed the command line
 
     metrics = run(cfg)
-    objectives = [metrics[name] for name in cfg.optimized_metrics]
-    return objectives[0] if len(objectives) == 1 else tuple(objectives)
+    return sweep_objectives(metrics, cfg.optimized_metrics, HydraConfig.get().mode == RunMode.MULTIRUN)
 
 
 if __name__ == "__main__":
