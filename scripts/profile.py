@@ -41,6 +41,8 @@ def main(cfg: DictConfig) -> dict:
     family = family_for(model, **arch.get("family", {}))
     tokens = cfg.prompt_length + getattr(family, "canvas_length", 0)
     params = count_parameters(model, family.layers)
+    stacked = {s.name for s in family.writer_sites() if s.kind == "expert_out" and s.expert is None}
+    edited_expert_parameters = sum(p.numel() for name, p in model.named_parameters() if name in stacked)
     report = {
         "architecture": cfg.architecture.config._target_.rsplit(".", 1)[-1], "layers": config.num_hidden_layers,
         "hidden_size": config.hidden_size, "dtype": cfg.dtype, "device": str(device) if not cfg.meta_only else "meta",
@@ -48,7 +50,8 @@ def main(cfg: DictConfig) -> dict:
         "torch": torch.__version__, "batch_size": cfg.batch_size, "tokens_per_sequence": tokens, "rank": cfg.rank,
         "parameters": params,
         "estimate": estimate_memory(config, params["total"], resolve_dtype(cfg.dtype).itemsize, cfg.batch_size, tokens,
-                                    cfg.rank, family.num_layers, cfg.kl_rows, getattr(family, "kl_positions", 1)),
+                                    cfg.rank, family.num_layers, cfg.kl_rows, getattr(family, "kl_positions", 1),
+                                    edited_expert_parameters),
     }
     if not cfg.meta_only:
         report["weights_allocated_gib"] = (torch.cuda.memory_allocated(device) / 1024 ** 3

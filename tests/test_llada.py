@@ -134,6 +134,12 @@ def test_sampler_schedule_rejects_lengths_that_do_not_tile():
     with pytest.raises(ValueError, match="sampler.steps=3 must be a multiple of the 2 blocks"):
         MaskedDiffusionSampler(block_length=4, steps=3).schedule(8)
     assert MaskedDiffusionSampler(block_length=4, steps=4).schedule(8) == (2, 2)
+    assert MaskedDiffusionSampler(block_length=8, tokens_per_step=2).schedule(8) == (1, 4)  # any canvas length
+    assert MaskedDiffusionSampler(block_length=8, tokens_per_step=2).schedule(32) == (4, 4)
+    with pytest.raises(ValueError, match="tokens_per_step=3 must be a positive divisor of sampler.block_length=8"):
+        MaskedDiffusionSampler(block_length=8, tokens_per_step=3)
+    with pytest.raises(ValueError, match="set one of them"):
+        MaskedDiffusionSampler(block_length=8, steps=4, tokens_per_step=2)
 
 
 def test_llada_hooks_and_weight_deltas_give_the_same_logits(tiny_llada):

@@ -24,7 +24,8 @@ def architecture(name: str) -> dict:
     return OmegaConf.to_container(cfg.architecture, resolve=True)
 
 
-@pytest.mark.parametrize("name, expected", [("llada_8b", 8_015_581_184), ("smollm2_135m", 134_515_008)])
+@pytest.mark.parametrize("name, expected", [("llada_8b", 8_015_581_184), ("smollm2_135m", 134_515_008),
+                                            ("qwen3_30b_a3b", 30_532_122_624)])
 def test_meta_device_counts_the_published_sizes_without_memory(name, expected):
     spec = architecture(name)
     model = random_model(spec, architecture_config(spec), "bfloat16", "meta")
@@ -56,3 +57,10 @@ def test_profile_script_measures_step_and_sampler_on_cpu(tmp_path):
     assert training["step_s"] > 0 and training["frozen_fwd_bwd_s"] > 0
     assert training["tokens_per_step"] == 2 * 8 * (64 + 8)
     assert sampler["sample_s"] > 0 and sampler["sample_gen_length"] == 8
+
+
+def test_fused_expert_copies_are_estimated_for_moe():
+    spec = architecture("qwen3_30b_a3b")
+    config = architecture_config(spec, layers=2)
+    estimate = estimate_memory(config, 1, 2, 8, 64, 4, 2, 16, 1, edited_expert_parameters=2 * 128 * 2048 * 768)
+    assert estimate["expert_weight_copies_gib"] == pytest.approx(2 * 128 * 2048 * 768 * 2 / 1024 ** 3)

@@ -13,7 +13,7 @@ from subspace.models.bundle import resolve_dtype
 
 def architecture_config(spec: Mapping[str, Any], layers: int | None = None) -> PretrainedConfig:
     """The architecture's config (`spec.config`, a Hydra node), truncated to `layers` decoder layers if given."""
-    config = instantiate(spec["config"])
+    config = instantiate(spec["config"], _convert_="all")  # plain lists and dicts for strict config classes
     full = config.num_hidden_layers
     if layers is not None:
         if not 0 < layers <= full:

@@ -14,15 +14,24 @@ def activation_bytes_per_token_layer(config: PretrainedConfig, dtype_bytes: int)
     and the gate/up/activation/product tensors of the MLP (4·f); in float32: the two norms'
     normalised copies, rotary's q/k and the projection hooks' float32 copies of both writer outputs (≈ 8·d).
     """
-    d, f = config.hidden_size, config.intermediate_size
-    return d * (6 * dtype_bytes + 8 * 4) + 4 * f * dtype_bytes
+    return config.hidden_size * (6 * dtype_bytes + 8 * 4) + 4 * mlp_width_per_token(config) * dtype_bytes
+
+
+def mlp_width_per_token(config: PretrainedConfig) -> int:
+    """Intermediate width a token runs through: the dense MLP's, or top-k experts' for a mixture of experts."""
+    top_k = getattr(config, "num_experts_per_tok", None)
+    if top_k is None:
+        return config.intermediate_size
+    return top_k * (getattr(config, "moe_intermediate_size", None) or config.intermediate_size)
 
 
 def estimate_memory(config: PretrainedConfig, n_parameters: int, dtype_bytes: int, batch_size: int, tokens: int,
-                    rank: int, n_bases: int, kl_rows: int, kl_positions: int) -> dict[str, float]:
+                    rank: int, n_bases: int, kl_rows: int, kl_positions: int,
+                    edited_expert_parameters: int = 0) -> dict[str, float]:
     """GiB per component of one training step: frozen weights, saved activations of the two objective
     forwards (harmful and harmless batch), the subspace with its gradient and Adam moments, and the
-    cached original distributions the KL compares against (float32, full vocabulary)."""
+    cached original distributions the KL compares against (float32, full vocabulary), and for fused MoE
+    experts the projected copy of every edited expert weight that autograd keeps for the backward pass."""
     layers = config.num_hidden_layers
     activations = 2 * batch_size * tokens * layers * activation_bytes_per_token_layer(config, dtype_bytes)
     return {
@@ -30,4 +39,5 @@ def estimate_memory(config: PretrainedConfig, n_parameters: int, dtype_bytes: in
         "activations_gib": activations / GIB,
         "subspace_gib": n_bases * config.hidden_size * rank * 4 * 4 / GIB,
         "kl_cache_gib": kl_rows * kl_positions * config.vocab_size * 4 / GIB,
+        "expert_weight_copies_gib": edited_expert_parameters * dtype_bytes / GIB,
     }

@@ -31,10 +31,12 @@ def tokens_per_step(block_length: int, steps: int) -> list[int]:
 
 @dataclass
 class MaskedDiffusionSampler:
-    """`steps` is the total over all blocks (None: one token per step, the slowest and most careful)."""
+    """`steps` is the total over all blocks; or `tokens_per_step` commits that many per step whatever the
+    canvas length (both None: one token per step, the slowest and most careful)."""
 
     block_length: int = 32
     steps: int | None = None
+    tokens_per_step: int | None = None
     temperature: float = 0.0
     cfg_scale: float = 0.0
     remasking: str = "low_confidence"
@@ -45,6 +47,13 @@ class MaskedDiffusionSampler:
             raise ValueError(f"sampler.remasking={self.remasking!r} is not one of {REMASKING}")
         if self.block_length <= 0:
             raise ValueError(f"sampler.block_length={self.block_length} must be a positive integer")
+        if self.tokens_per_step is not None:
+            if self.steps is not None:
+                raise ValueError(f"sampler.steps={self.steps} and sampler.tokens_per_step={self.tokens_per_step}: "
+                                 "set one of them (the other null)")
+            if self.tokens_per_step <= 0 or self.block_length % self.tokens_per_step:
+                raise ValueError(f"sampler.tokens_per_step={self.tokens_per_step} must be a positive divisor of "
+                                 f"sampler.block_length={self.block_length}")
         if self.temperature < 0 or self.cfg_scale < 0:
             raise ValueError(f"sampler.temperature={self.temperature} and cfg_scale={self.cfg_scale} must be ≥ 0")
 
@@ -54,7 +63,7 @@ class MaskedDiffusionSampler:
             raise ValueError(f"gen_length={gen_length} must be a positive multiple of sampler.block_length="
                              f"{self.block_length} (set eval.max_new_tokens accordingly)")
         blocks = gen_length // self.block_length
-        steps = gen_length if self.steps is None else self.steps
+        steps = self.steps if self.steps is not None else gen_length // (self.tokens_per_step or 1)
         if steps % blocks or not blocks <= steps <= gen_length:
             raise ValueError(f"sampler.steps={self.steps} must be a multiple of the {blocks} blocks and at most "
                              f"gen_length={gen_length}")
