@@ -63,3 +63,13 @@ def test_objective_rejects_bad_settings():
         RefusalKLObjective(kl_weight=-1)
     with pytest.raises(ValueError, match="first_token"):
         RefusalKLObjective(refusal="whole_sentence")
+
+
+def test_refusal_loss_per_position_reads_each_positions_own_tokens():
+    """Masked diffusion: position j's refusal tokens are scored at position j only; −1 pads a row."""
+    probs = torch.tensor([[[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]])  # [batch 1, positions 2, vocab 3]
+    ids = torch.tensor([[0, -1], [2, 1]])  # position 0: token 0; position 1: tokens 2 and 1
+    expected = -(torch.log1p(torch.tensor(-0.5)) + torch.log1p(torch.tensor(-0.9))) / 2
+    assert torch.allclose(refusal_loss(probs.log(), ids), expected)
+    one_position = refusal_loss(probs[:, 0].log(), torch.tensor([0]))  # [batch, vocab] and [M]: as before
+    assert torch.allclose(one_position, -torch.log1p(torch.tensor(-0.5)))

@@ -52,6 +52,7 @@ class Family:
 
     name = "base"
     kl_at = "first response token"  # where `response_logprobs` reads: said next to every KL this family reports
+    response_positions = 1  # how many response positions `response_logprobs` returns
     LAYER_PATHS: tuple[str, ...] = ()
     ATTENTION_WRITERS: tuple[str, ...] = ()
     MLP_WRITERS: tuple[str, ...] = ()

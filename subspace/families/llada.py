@@ -31,6 +31,7 @@ class LLaDAFamily(Family):
             raise ValueError(f"kl_positions={kl_positions} must be in 1..canvas_length={canvas_length}")
         self.mask_id: int = model.config.mask_token_id
         self.canvas_length, self.kl_positions = canvas_length, kl_positions
+        self.response_positions = kl_positions
         self.sampler = (sampler if isinstance(sampler, MaskedDiffusionSampler)
                         else MaskedDiffusionSampler(**(sampler or {})))
         # Where the first canvas token is predicted: the last prompt token when logits are shifted, else itself.

@@ -12,7 +12,8 @@ from subspace.evaluation.evaluator import Evaluator
 
 @dataclass
 class RefusalKLObjective:
-    """`loss = refusal_loss(harmful) + kl_weight · KL(P_original ‖ P_edited)(harmless)`."""
+    """`loss = refusal_loss(harmful) + kl_weight · KL(P_original ‖ P_edited)(harmless)`, both at the family's
+    response positions (the first response token; the first canvas positions for masked diffusion)."""
 
     kl_weight: float = 1.0
     refusal: str = "first_token"
@@ -26,12 +27,22 @@ class RefusalKLObjective:
             raise ValueError(f"objective.refusal={self.refusal!r} is not supported; valid: 'first_token'")
 
     def refusal_token_ids(self, evaluator: Evaluator, harmful: Sequence[str]) -> torch.Tensor:
-        """First tokens of the model's own refusals on training prompts: the mass the loss pushes down."""
+        """Tokens that open the model's own refusals on training prompts: the mass the loss pushes down.
+
+        One position (causal): the first tokens, [M]. A family that reads several response positions
+        (masked diffusion, whose sampler may commit any of them first): the j-th tokens at position j,
+        [positions, M] padded with −1.
+        """
         prompts = list(harmful[: self.probe_prompts])
         _, texts, flags = evaluator.refusals(prompts, None, "probing refusals", self.probe_new_tokens)
         tokenizer = evaluator.bundle.tokenizer
-        ids = {tokenizer(t, add_special_tokens=False)["input_ids"][0] for t, f in zip(texts, flags) if f and t}
-        if not ids:
+        refusals = [tokenizer(t, add_special_tokens=False)["input_ids"] for t, f in zip(texts, flags) if f and t]
+        if not refusals:
             raise ValueError(f"the model refused none of {len(prompts)} training harmful prompts "
                              f"({texts[:2]!r}...): there is no refusal to remove")
-        return torch.tensor(sorted(ids))
+        positions = evaluator.family.response_positions
+        at = [sorted({ids[j] for ids in refusals if len(ids) > j}) for j in range(positions)]
+        if positions == 1:
+            return torch.tensor(at[0])
+        width = max(len(ids) for ids in at)
+        return torch.tensor([ids + [-1] * (width - len(ids)) for ids in at])

@@ -71,7 +71,7 @@ def profile_training_step(family: Family, batch_size: int, prompt_length: int, r
     probe = torch.zeros(family.hidden_size, device=device, dtype=family.model.dtype, requires_grad=True)
 
     def frozen_forward_backward() -> None:
-        loss = (refusal_loss(family.response_logprobs(harmful)[:, 0], module.refusal_token_ids)
+        loss = (refusal_loss(family.response_logprobs(harmful), module.refusal_token_ids)
                 + kl_weight * kl_divergence(module.reference, family.response_logprobs(harmless)))
         loss.backward()
         probe.grad = None

@@ -133,7 +133,7 @@ class SubspaceModule(L.LightningModule):
         harmless_batch = dict(batch["harmless"])
         index = harmless_batch.pop("index")
         harmless = self.family.response_logprobs(harmless_batch)
-        refusal = refusal_loss(harmful[:, 0], self.refusal_token_ids)
+        refusal = refusal_loss(harmful, self.refusal_token_ids)
         kl = kl_divergence(self.reference[index.cpu()].to(harmless.device), harmless)
         loss = refusal + self.kl_weight * kl
         self.log_dict({"train/refusal": refusal, "train/kl": kl, "train/loss": loss,
