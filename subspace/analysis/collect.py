@@ -12,11 +12,10 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from subspace.families.base import Family
-from subspace.methods.directions import ClassMeans
+from subspace.methods.directions import ClassMeans, residual_batches
 
 
 @dataclass
@@ -46,10 +45,8 @@ def prompt_residuals(family: Family, tokenizer: PreTrainedTokenizerBase, prompts
         raise ValueError(f"no prompts to read residuals from ({desc})")
     if batch_size <= 0:
         raise ValueError(f"batch_size={batch_size} must be a positive integer")
-    chunks = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
-        batch = family.chat_batch(tokenizer, prompts[i: i + batch_size], system_prompt)
-        chunks.append(family.residuals(batch).float().cpu())
+    batches = residual_batches(family, tokenizer, prompts, batch_size, system_prompt, desc)
+    chunks = [residuals.float().cpu() for residuals in batches]
     return torch.cat(chunks, dim=1)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -35,12 +35,18 @@ class ClassMeans:
         return torch.nn.functional.cosine_similarity(self.harmful, self.harmless, dim=-1)
 
 
+def residual_batches(family: Family, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], batch_size: int,
+                     system_prompt: str | None, desc: str) -> Iterator[Tensor]:
+    """`family.residuals` of consecutive prompt batches, [num_layers, batch, d] each, in prompt order."""
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
+        yield family.residuals(family.chat_batch(tokenizer, prompts[i: i + batch_size], system_prompt))
+
+
 def _mean_residual(family: Family, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
                    batch_size: int, system_prompt: str | None, desc: str) -> Tensor:
     total = None
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
-        batch = family.chat_batch(tokenizer, prompts[i: i + batch_size], system_prompt)
-        summed = family.residuals(batch).sum(dim=1)
+    for residuals in residual_batches(family, tokenizer, prompts, batch_size, system_prompt, desc):
+        summed = residuals.sum(dim=1)
         total = summed if total is None else total + summed
     return total / len(prompts)
 
