@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 
 from subspace.families.base import Family
-from subspace.objectives.losses import kl_divergence, refusal_loss
 from subspace.training.subspace_module import LearnedSubspace, SubspaceModule
 
 GIB = 1024 ** 3
@@ -71,9 +70,9 @@ def profile_training_step(family: Family, batch_size: int, prompt_length: int, r
     probe = torch.zeros(family.hidden_size, device=device, dtype=family.model.dtype, requires_grad=True)
 
     def frozen_forward_backward() -> None:
-        loss = (refusal_loss(family.response_logprobs(harmful), module.refusal_token_ids)
-                + kl_weight * kl_divergence(module.reference, family.response_logprobs(harmless)))
-        loss.backward()
+        refusal, kl = module.terms(family.response_logprobs(harmful), family.response_logprobs(harmless),
+                                   torch.arange(batch_size))
+        (refusal + kl_weight * kl).backward()
         probe.grad = None
 
     with module.hooks:

@@ -133,8 +133,7 @@ class SubspaceModule(L.LightningModule):
         harmless_batch = dict(batch["harmless"])
         index = harmless_batch.pop("index")
         harmless = self.family.response_logprobs(harmless_batch)
-        refusal = refusal_loss(harmful, self.refusal_token_ids)
-        kl = kl_divergence(self.reference[index.cpu()].to(harmless.device), harmless)
+        refusal, kl = self.terms(harmful, harmless, index)
         loss = refusal + self.kl_weight * kl
         self.log_dict({"train/refusal": refusal, "train/kl": kl, "train/loss": loss,
                        "train/strength": strengths.detach().mean()}, prog_bar=True)
@@ -147,6 +146,11 @@ class SubspaceModule(L.LightningModule):
         for logprobs in self._term_logprobs.values():
             logprobs.retain_grad()  # to tell, if a gradient turns non-finite, which term's it was
         return loss
+
+    def terms(self, harmful: Tensor, harmless: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        """(refusal, KL) from the two batches' response log-probabilities; `index` picks the cached originals."""
+        kl = kl_divergence(self.reference[index.cpu()].to(harmless.device), harmless)
+        return refusal_loss(harmful, self.refusal_token_ids), kl
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Stop before a non-finite gradient reaches the subspace (and so any checkpoint)."""
