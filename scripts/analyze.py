@@ -54,7 +54,7 @@ def main(cfg: DictConfig) -> dict:
     curves = read_training_curves(cfg.training_log) if cfg.training_log else None  # fail before loading the model
 
     bundle = instantiate(cfg.model)
-    family = family_for(bundle.model, **bundle.family_options)
+    family = family_for(bundle.model, cfg.long_prompts, **bundle.family_options)
     data = instantiate(cfg.data)
     harmful, harmless = (data[f"{cfg.split}_{c}"][: cfg.n_prompts] for c in ("harmful", "harmless"))
     edit = ProjectionEdit.load(cfg.edit) if cfg.edit else None

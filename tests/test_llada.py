@@ -154,9 +154,7 @@ def test_llada_hooks_and_weight_deltas_give_the_same_logits(tiny_llada):
 def test_llada_peft_adapter_reproduces_the_edited_logits(tiny_llada, tmp_path):
     import copy
 
-    from peft import PeftModel
-
-    from subspace.export import export_peft_adapter
+    from subspace.export import export_peft_adapter, load_peft_adapter
 
     model, tokenizer = tiny_llada
     model = model.float()
@@ -164,7 +162,7 @@ def test_llada_peft_adapter_reproduces_the_edited_logits(tiny_llada, tmp_path):
     ids = torch.randint(3, len(tokenizer), (2, 10))
     with edit.applied(model):
         expected = model(ids).logits
-    adapted = PeftModel.from_pretrained(copy.deepcopy(model), export_peft_adapter(edit, model, tmp_path / "adapter"))
+    adapted = load_peft_adapter(copy.deepcopy(model), export_peft_adapter(edit, model, tmp_path / "adapter"))
     assert torch.allclose(adapted(input_ids=ids).logits, expected, atol=1e-5)
 
 

@@ -15,14 +15,13 @@ import warnings
 import lightning as L
 import pytest
 import torch
-from peft import PeftModel
 from torch import Tensor, nn
 from transformers import (AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM,
                           Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 from subspace.data.prompt_sets import PromptSets
 from subspace.evaluation.evaluator import Evaluator
-from subspace.export.peft_adapter import export_peft_adapter, save_merged_model
+from subspace.export.peft_adapter import export_peft_adapter, load_peft_adapter, save_merged_model
 from subspace.families import CausalFamily
 from subspace.interventions import ProjectionEdit, ProjectionHooks, orthonormalize
 from subspace.methods.base import RunContext
@@ -325,7 +324,7 @@ def test_peft_adapter_reproduces_the_edited_logits(tmp_path, kind, layout, scope
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         adapter_dir = export_peft_adapter(edit, model, tmp_path / "adapter")
-        adapter = PeftModel.from_pretrained(copy.deepcopy(model), adapter_dir)
+        adapter = load_peft_adapter(copy.deepcopy(model), adapter_dir)
     assert not [str(w.message) for w in caught if "adapter keys" in str(w.message)]  # every factor loaded
     assert sum("lora_" in name for name, _ in adapter.named_parameters()) == 2 * len(edit.sites)  # one pair a site
     assert torch.allclose(adapter.eval()(ids).logits, expected, atol=1e-5)

@@ -8,11 +8,12 @@ Linear writers are LoRA `target_modules`; stacked expert weights (fused MoE expe
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
-from safetensors.torch import save_file
+from peft import LoraConfig, PeftModel
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from subspace.interventions.edit import ProjectionEdit
@@ -79,3 +80,41 @@ def save_merged_model(edit: ProjectionEdit, model: nn.Module, tokenizer, out_dir
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return Path(out_dir)
+
+
+def _factor_fits(part: str, factor: torch.Tensor, weight: torch.Tensor) -> bool:
+    """LoRA shapes: A [r, in], B [out, r] for a matrix; A [E·r, in], B [out, r·E] for stacked experts [E, out, in]."""
+    experts = weight.shape[0] if weight.ndim == 3 else 1
+    fan_out, fan_in = weight.shape[-2:]
+    if part == "A":
+        return factor.shape[1] == fan_in and factor.shape[0] % experts == 0
+    return factor.shape[0] == fan_out and factor.shape[1] % experts == 0
+
+
+def check_adapter_fits(model: nn.Module, adapter_dir: str | Path, base_model: str | None = None) -> None:
+    """Refuse an adapter made for another base before PEFT loads it: a different recorded base name, a module the
+    model lacks, or a LoRA factor whose shape does not fit the model's weight (PEFT would fail later, or worse,
+    load a same-shaped adapter of another model silently)."""
+    adapter_dir = Path(adapter_dir)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    recorded = config.get("base_model_name_or_path")
+    if base_model is not None and recorded is not None and recorded != base_model:
+        raise ValueError(f"adapter {adapter_dir} was made for base model {recorded!r}, not {base_model!r}; "
+                         "load it onto the model it was trained on")
+    params = dict(model.named_parameters())
+    stacked = {name.rpartition(".")[0]: name for name in config.get("target_parameters") or []}
+    for key, factor in load_file(str(adapter_dir / "adapter_model.safetensors")).items():
+        site, _, part = key.removeprefix("base_model.model.").removesuffix(".weight").rpartition(".lora_")
+        weight = params.get(stacked.get(site, f"{site}.weight"))
+        if weight is None:
+            raise ValueError(f"adapter {adapter_dir} edits {site!r}, which this {type(model).__name__} does not have; "
+                             f"was it made for another architecture (recorded base: {recorded!r})?")
+        if not _factor_fits(part, factor, weight):
+            raise ValueError(f"adapter {adapter_dir}: lora_{part} of {site!r} has shape {tuple(factor.shape)}, which "
+                             f"does not fit the model's weight {tuple(weight.shape)} (recorded base: {recorded!r})")
+
+
+def load_peft_adapter(model: nn.Module, adapter_dir: str | Path, base_model: str | None = None) -> PeftModel:
+    """`PeftModel.from_pretrained`, after `check_adapter_fits`: the adapter checked against this base first."""
+    check_adapter_fits(model, adapter_dir, base_model)
+    return PeftModel.from_pretrained(model, str(adapter_dir))

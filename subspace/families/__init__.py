@@ -11,16 +11,17 @@ from subspace.families.causal import CausalFamily
 from subspace.families.llada import LLaDAFamily
 
 
-def family_for(model: PreTrainedModel, **options: Any) -> Family:
-    """The adapter for a loaded model; `options` are the family's settings from the model config.
+def family_for(model: PreTrainedModel, long_prompts: str = "truncate", **options: Any) -> Family:
+    """The adapter for a loaded model; `options` are the family's settings from the model config, `long_prompts`
+    what its chat batches do with a prompt over the token limit ("truncate" with a warning, or "error").
 
     LLaDA is recognised by its config's model_type, so the published remote code (same module names) works too.
     """
     if getattr(model.config, "model_type", None) == "llada":
-        return LLaDAFamily(model, **options)
+        return LLaDAFamily(model, long_prompts=long_prompts, **options)
     if options:
         raise ValueError(f"family options {sorted(options)} are only for diffusion models, not {type(model).__name__}")
-    return CausalFamily(model)
+    return CausalFamily(model, long_prompts)
 
 
 __all__ = ["SITE_KINDS", "WRITER_KINDS", "CausalFamily", "Family", "LLaDAFamily", "WriterSite", "family_for"]

@@ -7,6 +7,7 @@ decision is read (`residuals`), the next-token distributions the objective compa
 
 from __future__ import annotations
 
+import logging
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,6 +19,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from subspace.families.moe import MoEBlock, find_moe_block, recorded_routing
 
+log = logging.getLogger(__name__)
+
+LONG_PROMPT_POLICIES = ("truncate", "error")  # what chat_batch does with a prompt over its token limit
 # Residual writers with a weight form (the default sites); "moe_out" is a MoE block's combined output (hooks only).
 WRITER_KINDS = ("attn_out", "mlp_out", "expert_out", "shared_expert_out")
 SITE_KINDS = WRITER_KINDS + ("moe_out",)
@@ -57,8 +61,12 @@ class Family:
     ATTENTION_WRITERS: tuple[str, ...] = ()
     MLP_WRITERS: tuple[str, ...] = ()
 
-    def __init__(self, model: PreTrainedModel):
-        self.model = model
+    def __init__(self, model: PreTrainedModel, long_prompts: str = "truncate"):
+        if long_prompts not in LONG_PROMPT_POLICIES:
+            raise ValueError(f"long_prompts={long_prompts!r} must be one of {LONG_PROMPT_POLICIES}: cut the user's text "
+                             "to fit the token limit (with a warning), or refuse the prompt")
+        self.model, self.long_prompts = model, long_prompts
+        self._cut_prompts: set[str] = set()  # warned about once each, not once per batch
         self.layers_path, self.layers = self._find_layers(model)
         self.hidden_size: int = model.config.hidden_size
         self.num_layers = len(self.layers)
@@ -126,20 +134,57 @@ class Family:
         """Records which experts fire on the forwards run inside the block: {experts module name: bool [E]}."""
         return recorded_routing(self.model, {f"{self.layers_path}.{i}": b for i, b in self.moe_blocks.items()})
 
+    @property
+    def max_prompt_tokens(self) -> int | None:
+        """The longest templated prompt the model's context holds (None when its config does not say)."""
+        config = self.model.config
+        return getattr(config, "max_position_embeddings", None) or getattr(config, "max_sequence_length", None)
+
     def chat_batch(self, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], system_prompt: str | None = None,
                    max_length: int | None = None) -> dict[str, Tensor]:
-        """Left-padded chat-templated prompts ending where the response starts, on the model's device."""
+        """Left-padded chat-templated prompts ending where the response starts, on the model's device.
+
+        A prompt over `max_length` tokens (default: the context) is cut at the end of the user's text, so the
+        template and the response header stay, with a warning; or refused, if `long_prompts="error"`.
+        """
         if tokenizer.chat_template is None:
             raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no chat template; set one (tokenizer.chat_template) "
                              "or use an instruct model.")
         if tokenizer.pad_token_id is None:
             raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no pad token; set tokenizer.pad_token.")
-        texts = [tokenizer.apply_chat_template(self.messages(p, system_prompt), tokenize=False, add_generation_prompt=True)
-                 for p in prompts]
+        limit = max_length or self.max_prompt_tokens
+        texts = [self._fit(tokenizer, p, system_prompt, limit) for p in prompts]
         tokenizer.padding_side = "left"
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False,
-                          truncation=max_length is not None, max_length=max_length)
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         return {k: v.to(self.model.device) for k, v in batch.items()}
+
+    def _fit(self, tokenizer: PreTrainedTokenizerBase, prompt: str, system_prompt: str | None,
+             limit: int | None) -> str:
+        """The templated prompt, its user text cut from the end until it fits `limit` tokens."""
+        def templated(text: str) -> str:
+            return tokenizer.apply_chat_template(self.messages(text, system_prompt), tokenize=False,
+                                                 add_generation_prompt=True)
+
+        def length(text: str) -> int:
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        text = templated(prompt)
+        if limit is None or (n := length(text)) <= limit:
+            return text
+        where = f"prompt {prompt[:60]!r}{'…' if len(prompt) > 60 else ''} is {n} tokens templated, over the limit of {limit}"
+        if self.long_prompts == "error":
+            raise ValueError(f"{where}; shorten it, raise the limit (method.max_length), or set long_prompts=truncate "
+                             "to cut it to fit")
+        words = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        keep = len(words) - (n - limit)
+        while keep > 0 and length(text := templated(tokenizer.decode(words[:keep]))) > limit:
+            keep -= max(1, length(text) - limit)  # re-tokenising a cut can merge or split a token or two
+        if keep <= 0:
+            raise ValueError(f"{where}, and the chat template alone does not fit; raise the limit")
+        if prompt not in self._cut_prompts:
+            self._cut_prompts.add(prompt)
+            log.warning("%s: cut to its first %d tokens of user text (long_prompts=truncate)", where, keep)
+        return text
 
     @staticmethod
     def messages(prompt: str, system_prompt: str | None) -> list[dict[str, str]]:

@@ -25,8 +25,8 @@ class LLaDAFamily(Family):
     MLP_WRITERS = ("ff_out",)
 
     def __init__(self, model: PreTrainedModel, canvas_length: int = 32, kl_positions: int = 4,
-                 sampler: MaskedDiffusionSampler | Mapping[str, Any] | None = None):
-        super().__init__(model)
+                 sampler: MaskedDiffusionSampler | Mapping[str, Any] | None = None, long_prompts: str = "truncate"):
+        super().__init__(model, long_prompts)
         if not 0 < kl_positions <= canvas_length:
             raise ValueError(f"kl_positions={kl_positions} must be in 1..canvas_length={canvas_length}")
         self.mask_id: int = model.config.mask_token_id
@@ -37,6 +37,12 @@ class LLaDAFamily(Family):
         # Where the first canvas token is predicted: the last prompt token when logits are shifted, else itself.
         self.decision_offset = -1 if getattr(model.config, "shift_logits", False) else 0
         self.kl_at = f"first {kl_positions} canvas positions, canvas of {canvas_length} masked"
+
+    @property
+    def max_prompt_tokens(self) -> int | None:
+        """The context less the response canvas, which every forward appends."""
+        context = super().max_prompt_tokens
+        return None if context is None else context - self.canvas_length
 
     def with_canvas(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """The prompt batch followed by `canvas_length` mask tokens (attended like prompt tokens)."""
