@@ -159,3 +159,32 @@ def test_adapter_for_another_base_is_refused_before_peft_loads_it(tmp_path):
     shallower = tiny_random_causal(hidden_size=32, num_layers=1, seed=0).model
     with pytest.raises(ValueError, match=r"edits 'model.layers.[12].*which this LlamaForCausalLM does not have"):
         load_peft_adapter(shallower, adapter)
+
+
+def test_a_save_interrupted_midway_leaves_no_half_written_file(tmp_path, monkeypatch):
+    """The adapter and metrics.json are written to a temporary sibling and renamed: an interruption midway leaves
+    the previous file or folder as it was (or nothing), never a partial one, and no temporary debris."""
+    from subspace.export import peft_adapter
+    from subspace.models.tiny import tiny_random_causal
+    from subspace.utils.io import write_json
+    from tests.test_projection import random_edit
+
+    write_json(tmp_path / "metrics.json", {"kl": 0.1})
+    original_write = type(tmp_path).write_text
+
+    def write_half_then_fail(self, text, *args, **kwargs):
+        original_write(self, text[: len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(tmp_path), "write_text", write_half_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        write_json(tmp_path / "metrics.json", {"kl": 0.2, "refusal_rate_after": 0.0})
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"kl": 0.1}
+
+    model = tiny_random_causal(hidden_size=32, num_layers=2, seed=0).model
+    edit = random_edit(CausalFamily(model), rank=2)
+    monkeypatch.setattr(peft_adapter, "save_file", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        peft_adapter.export_peft_adapter(edit, model, tmp_path / "adapter")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
