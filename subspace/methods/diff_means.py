@@ -83,5 +83,5 @@ class DiffMeans:
             writer.writeheader()
             writer.writerows(rows)
         best = min(rows, key=lambda r: (r["select_refusal_rate"], r["select_kl"]))
-        ctx.report["scan"] = rows
+        ctx.report["scan"], ctx.report["trials"] = rows, len(rows)
         return best["layer"]

@@ -106,4 +106,5 @@ class Subspace:
         trainer = ctx.make_trainer()
         with module.hooks:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ctx.ckpt_path)
+        ctx.report["steps"] = trainer.global_step
         return module.to_edit()

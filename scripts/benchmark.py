@@ -1,0 +1,90 @@
+"""Baselines side by side: diff_means, heretic and the learned subspace on one organism.
+
+    python scripts/benchmark.py                          # the causal organism, eval on harmful_val / harmless_val
+    python scripts/benchmark.py split=holdout            # once, with the chosen settings: ../shared/data/holdout
+    python scripts/benchmark.py rows=[diff_means,subspace] model=llada_organism "train_overrides=['eval.max_new_tokens=32']"
+
+Each method row is `train.py` run as its own process (the command in the table); heretic runs in its own venv
+(`subspace.baselines.heretic`). Every number comes from this project's evaluator. Writes benchmark.md and
+benchmark.json (rows, overhead ratio, settings) into the run directory.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+# The repository root replaces this script's folder on the path (scripts/profile.py would shadow the standard library's).
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+from subspace.config import REPO_ROOT, register_resolvers, shared_data_dir  # noqa: E402
+
+register_resolvers()
+TRAIN_ROWS = ("diff_means", "subspace")
+
+
+def split_overrides(split: str) -> list[str]:
+    """Which prompts the rows report on: the val split by default, the holdout files for the one final table."""
+    if split == "val":
+        return []
+    if split == "holdout":
+        holdout = shared_data_dir().parent / "holdout"
+        return [f"data.eval_harmful={holdout / 'harmful_test.json'}", f"data.eval_harmless={holdout / 'harmless_test.json'}"]
+    raise ValueError(f"split={split!r} must be 'val' or 'holdout'")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark")
+def main(cfg: DictConfig) -> dict:
+    from subspace.benchmark.heretic_row import HereticSettings, heretic_row
+    from subspace.benchmark.rows import markdown_table, train_row
+    from subspace.evaluation.evaluator import Evaluator
+    from subspace.families import family_for
+    from subspace.profiling.measure import profile_training_step
+    from subspace.utils.io import write_json
+
+    if unknown := sorted(set(cfg.rows) - set(TRAIN_ROWS) - {"heretic"}):
+        raise ValueError(f"rows {unknown} unknown; valid rows are {[*TRAIN_ROWS, 'heretic']}")
+    out = Path(cfg.paths.output_dir)
+    organism = HydraConfig.get().runtime.choices.model
+    overrides = [*split_overrides(cfg.split), *cfg.train_overrides]
+    rows = [train_row(organism, method, overrides, out / method, REPO_ROOT) for method in cfg.rows if method in TRAIN_ROWS]
+
+    bundle = instantiate(cfg.model)
+    family = family_for(bundle.model, cfg.long_prompts, **bundle.family_options)
+    report = {"organism": organism, "split": cfg.split, "settings": OmegaConf.to_container(cfg, resolve=True)}
+    report["overhead"] = profile_training_step(family, cfg.method.batch_size, cfg.overhead.prompt_length,
+                                               cfg.method.rank, cfg.objective.kl_weight, cfg.overhead.steps,
+                                               cfg.overhead.warmup)
+    if "heretic" in cfg.rows:
+        if family.name != "causal":
+            raise ValueError(f"heretic supports causal models only; drop it from rows for {organism} ({family.name})")
+        data = instantiate(cfg.data, **_data_overrides(cfg.split))
+        evaluator = Evaluator(bundle, family, instantiate(cfg.eval.judge), cfg.eval.max_new_tokens,
+                              cfg.eval.batch_size, cfg.system_prompt)
+        measured = [r for r in rows if r.refusal_before is not None]
+        before = ({"refusal_rate": measured[0].refusal_before} if measured
+                  else {"refusal_rate": evaluator.refusals(data["eval_harmful"], desc="harmful before")[0]})
+        rows.append(heretic_row(organism, evaluator, data, out, HereticSettings(**cfg.heretic), before))
+
+    report["rows"] = [r.as_dict() for r in rows]
+    table = markdown_table(rows, family.kl_at)
+    ratio = report["overhead"]["step_overhead_ratio"]
+    table += (f"\nOne subspace training step costs {ratio:.2f}× a plain frozen forward+backward of the same model "
+              f"on the same batch ({cfg.method.batch_size}×{cfg.overhead.prompt_length} tokens per class).\n")
+    (out / "benchmark.md").write_text(table)
+    write_json(out / "benchmark.json", report)
+    print(table)
+    return report
+
+
+def _data_overrides(split: str) -> dict:
+    """The same eval prompts the train.py rows get from `split_overrides`, for the rows evaluated in-process."""
+    return dict(arg.removeprefix("data.").split("=", 1) for arg in split_overrides(split))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The heretic row: the organism saved as a plain Hugging Face directory, heretic run on it as a separate
+process (`subspace.baselines.heretic`), each model it offers scored on the selection split, one picked by
+`pick_point`, and that one measured on the eval split by this project's evaluator, like every other row."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from subspace.baselines.heretic import run_heretic
+from subspace.benchmark.choice import pick_point
+from subspace.benchmark.rows import Row
+from subspace.evaluation.evaluator import Evaluator
+from subspace.evaluation.metrics import ResponseKL
+from subspace.families import family_for
+from subspace.models.bundle import ModelBundle
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HereticSettings:
+    python: str = "/work/heretic-venv/bin/python"
+    trials: int = 8
+    timeout_s: float = 3600.0
+    kl_budget: float = 0.10
+
+
+def evaluator_for(model_dir: Path, like: Evaluator) -> Evaluator:
+    """An evaluator with `like`'s sampler, judge and batch size, on another model (same tokenizer)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=like.bundle.model.dtype).eval()
+    bundle = ModelBundle(model, like.bundle.tokenizer, f"heretic:{model_dir.name}", {"pretrained": str(model_dir)})
+    return Evaluator(bundle, family_for(model, like.family.long_prompts), like.judge, like.max_new_tokens,
+                     like.batch_size, like.system_prompt, progress=like.progress)
+
+
+def template_system_prompt(tokenizer) -> str | None:
+    """The system text a chat template inserts when a conversation has none (SmolLM2's "You are a helpful AI
+    assistant named SmolLM…"), found by rendering with and without a marker system turn; None if it adds none.
+    heretic always sends a system turn, so it is given this text to see the prompts this project's rows see."""
+    def render(messages: list[dict[str, str]]) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    marker, user = "\x00system-marker\x00", [{"role": "user", "content": "x"}]
+    plain, marked = render(user), render([{"role": "system", "content": marker}, *user])
+    before, _, after = marked.partition(marker)
+    if plain.startswith(before) and plain.endswith(after) and len(plain) > len(before) + len(after):
+        return plain[len(before): len(plain) - len(after)]
+    return None
+
+
+def kl_between(reference: torch.Tensor, other: Evaluator, prompts: Sequence[str]) -> float:
+    metric = ResponseKL()
+    metric.update(reference, other.logprobs(prompts))
+    return float(metric.compute())
+
+
+def heretic_row(organism: str, evaluator: Evaluator, data, work_dir: Path, settings: HereticSettings,
+                before: dict[str, float]) -> Row:
+    """`before` holds the organism's eval-split refusal rates (shared with the other rows' runs)."""
+    command = f"heretic-llm 1.4 via subspace.baselines.heretic, {settings.trials} trials"
+    start = time.time()
+    model_dir = work_dir / "organism_hf"
+    evaluator.bundle.model.save_pretrained(model_dir)
+    evaluator.bundle.tokenizer.save_pretrained(model_dir)
+    result = run_heretic(model_dir, work_dir / "heretic", harmful_train=data["train_harmful"],
+                         harmless_train=data["train_harmless"], harmful_eval=data["select_harmful"],
+                         harmless_eval=data["select_harmless"], trials=settings.trials,
+                         system_prompt=evaluator.system_prompt or template_system_prompt(evaluator.bundle.tokenizer),
+                         python=Path(settings.python), timeout_s=settings.timeout_s,
+                         extra_config={"max_response_length": evaluator.max_new_tokens})
+    if result.error or not result.models:
+        return Row(organism, "heretic", command, before["refusal_rate"], wall_s=time.time() - start,
+                   note=result.error or "heretic saved no model")
+    select_reference = evaluator.logprobs(data["select_harmless"])
+    scored = []
+    for path in result.models:
+        candidate = evaluator_for(path, evaluator)
+        rate, _, _ = candidate.refusals(data["select_harmful"], desc=f"select {path.name}")
+        scored.append((path, rate, kl_between(select_reference, candidate, data["select_harmless"])))
+        log.info("heretic model %s: select refusal %.3f, select KL %.3f", path.name, rate, scored[-1][2])
+    chosen = pick_point([s[0] for s in scored], [s[1] for s in scored], [s[2] for s in scored], settings.kl_budget)
+    final = evaluator_for(chosen, evaluator)
+    harmful, _, _ = final.refusals(data["eval_harmful"], desc="heretic harmful")
+    harmless, _, _ = final.refusals(data["eval_harmless"], desc="heretic harmless")
+    kl = kl_between(evaluator.logprobs(data["eval_harmless"]), final, data["eval_harmless"])
+    return Row(organism, "heretic", command, before["refusal_rate"], harmful, harmless, kl, time.time() - start,
+               f"{result.trials} trials, {len(result.models)} on its front",
+               note=f"picked {chosen.name} of {len(scored)} by select split (KL budget {settings.kl_budget})",
+               n_harmful=len(data["eval_harmful"]), n_harmless=len(data["eval_harmless"]))
