@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from subspace.evaluation.evaluator import Evaluator
@@ -88,6 +89,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     fit_start = time.time()
     edit = method.fit(ctx)
     fit_seconds = time.time() - fit_start
+    if rank_zero_only.rank != 0:  # a multi-process trainer's other ranks: one process evaluates and writes the run
+        return {}
     results, samples = evaluator.before_after(data["eval_harmful"], data["eval_harmless"], edit)
     if cfg.eval.on_select and data["select_harmful"]:
         results |= selection_metrics(evaluator, data, edit)
@@ -108,7 +111,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         warnings.append("the model refused none of the eval harmful prompts before the edit: this eval set cannot "
                         "show a reduction (check the model or data.eval_harmful)")
     metrics = results | method.describe() | ctx.report | {
-        "model": bundle.name, "family": family.name, "kl_at": family.kl_at, "seed": cfg.seed,
+        "model": bundle.name, "family": family.name, "kl_at": family.kl_at, "eval_apply": evaluator.apply,
+        "seed": cfg.seed,
         "fit_seconds": round(fit_seconds, 1), "wall_time_s": round(time.time() - start, 1), "run_dir": str(run_dir),
         "warnings": warnings,
         "model_source": bundle.source, "data": data.fingerprint(), "versions": versions(), "git_commit": git_commit(),

@@ -1,5 +1,6 @@
 """Cluster configs: the trainer strategies (trainer=ddp|fsdp|deepspeed) and the SLURM launcher preset
-(hydra/launcher=slurm_gpu) compose, and build what can be built without GPUs or a cluster (seconds, no training).
+(hydra/launcher=slurm_gpu) compose, and build what can be built without GPUs or a cluster; one tiny-organism run
+with trainer=ddp on 2 CPU processes checks the distributed path end to end.
 
 What is built here: the DDP Trainer on CPU (gloo), the FSDP strategy object and its wrap policy (Lightning builds an
 FSDP Trainer only with CUDA), and the submitit launcher down to its sbatch script (no `sbatch` is run). DeepSpeed is
@@ -157,3 +158,20 @@ def test_slurm_gpu_writes_the_sbatch_script(tmp_path, submitit_plugin, monkeypat
                  "--mem=64GB", "--cpus-per-task=8"):
         assert f"#SBATCH {line}\n" in script, line
     assert submitted["executor"]._executor.parameters["array_parallelism"] == 8
+
+
+def test_ddp_on_two_cpu_processes_matches_one_and_only_rank_zero_writes(tmp_path, cache_dir, tiny_organism):
+    """`trainer=ddp` with gloo on 2 CPU processes: the run completes, rank 1 stops after fitting (one process
+    evaluates and writes the run directory), and the edit equals a single-process run's (same batches per rank)."""
+    from safetensors.torch import load_file
+
+    from tests.test_train import run_train
+
+    single = run_train(tmp_path / "one", cache_dir)
+    (tmp_path / "two").mkdir()
+    ddp = run_train(tmp_path / "two", cache_dir, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                    "trainer.precision=32-true")
+    assert ddp["refusal_rate_after"] == single["refusal_rate_after"] and ddp["kl"] == single["kl"]
+    one, two = (load_file(str(tmp_path / d / "run" / "edit.safetensors")) for d in ("one", "two"))
+    assert torch.equal(one["bases"], two["bases"])
+    assert ddp["_stdout"].count("refusal (harmful, n=6)") == 1  # the summary is printed by one process

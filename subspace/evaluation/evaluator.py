@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Sequence
@@ -16,6 +17,7 @@ from subspace.families.base import Family
 from subspace.interventions.edit import ProjectionEdit
 from subspace.models.bundle import ModelBundle
 
+log = logging.getLogger(__name__)
 APPLY_MODES = ("hooks", "merged")
 
 
@@ -25,6 +27,9 @@ class Evaluator:
 
     `apply="hooks"` projects the writers' outputs (activation form); `apply="merged"` adds the edit into the
     weights for the block and restores them after (weight form: what a merged checkpoint would generate).
+    A family with `requires_weight_form` (DiffusionGemma: encoder and decoder run one set of tensors) is always
+    evaluated in weight form: `apply="hooks"` is switched to "merged" with a warning, not refused, so the default
+    configuration runs on it; an edit without a weight form (moe_scope=layer_output) keeps its hooks.
     """
 
     bundle: ModelBundle
@@ -39,11 +44,21 @@ class Evaluator:
     def __post_init__(self) -> None:
         if self.apply not in APPLY_MODES:
             raise ValueError(f"eval.apply={self.apply!r} must be one of {APPLY_MODES}")
+        if self.apply == "hooks" and self.family.requires_weight_form:
+            log.warning("eval.apply=hooks switched to merged: the %s family is evaluated in weight form (the edit is "
+                        "merged into the shared tensors for generation and KL, restored bit-exactly after)",
+                        self.family.name)
+            self.apply = "merged"
 
     def _edited(self, edit: ProjectionEdit | None):
         if edit is None:
             return nullcontext()
-        return edit.merged(self.bundle.model) if self.apply == "merged" else edit.applied(self.bundle.model)
+        model = self.bundle.model
+        if self.apply == "merged" and self.family.requires_weight_form and not edit.has_weight_form(model):
+            log.info("this edit has no weight form (a block-output site, moe_scope=layer_output): evaluated with "
+                     "hooks, on every module running the site's weights")
+            return edit.applied(model)
+        return edit.merged(model) if self.apply == "merged" else edit.applied(model)
 
     def responses(self, prompts: Sequence[str], edit: ProjectionEdit | None = None, desc: str = "generating",
                   max_new_tokens: int | None = None) -> list[str]:

@@ -3,12 +3,19 @@
 Linear writers are LoRA `target_modules`; stacked expert weights (fused MoE experts, `[E, d, in]`) are LoRA
 `target_parameters`, which PEFT wraps in a `ParamWrapper` holding every expert's pair in one `lora_A`
 `[E·k, in]` (row `e·k + j` is expert e's A row j) and one `lora_B` `[d, k·E]` (column `j·E + e`).
+
+Tied halves (DiffusionGemma: the encoder's and the decoder's layer modules hold the same tensors): PEFT wraps
+exactly the modules its targets name, so an adapter on one half would be invisible to the other. Each site is
+therefore targeted under every module name that runs its weights, with the same factors: the loaded (unmerged)
+`PeftModel` runs the edit once in each half, as the weight form does. PEFT's `merge_and_unload` would then merge
+each wrapper into the one shared tensor, applying the delta twice: for a merged checkpoint use `save_merged_model`.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -17,8 +24,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from subspace.interventions.edit import ProjectionEdit
-from subspace.interventions.sites import resolve_sites
+from subspace.interventions.sites import Site, resolve_sites
 from subspace.utils.io import atomic_dir
+
+log = logging.getLogger(__name__)
 
 
 def _retargeted_by_peft(config: LoraConfig, model: nn.Module) -> set[str]:
@@ -40,29 +49,45 @@ def _stacked_lora(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
     return a.reshape(experts * k, -1), b.permute(1, 2, 0).reshape(d, k * experts)
 
 
+def _names_everywhere(model: nn.Module, sites: list[Site]) -> dict[str, list[str]]:
+    """Each site's name, then the names of the modules (or their parameter) sharing its weights (`Site.aliases`)."""
+    module_names = {id(m): n for n, m in model.named_modules()}
+    return {site.name: [site.name] + [module_names[id(m)] + (f".{site.parameter}" if site.stacked else "")
+                                      for m in site.aliases] for site in sites}
+
+
 def export_peft_adapter(edit: ProjectionEdit, model: nn.Module, out_dir: str | Path, base_model: str | None = None) -> Path:
     """Adapter directory loadable with `PeftModel.from_pretrained(base, out_dir)`; the model is not modified.
 
     Written to a temporary sibling and renamed, so a half-written adapter never exists.
     """
     dtype = next(model.parameters()).dtype
-    task_type = "CAUSAL_LM" if getattr(model, "can_generate", lambda: False)() else None  # diffusion models: plain PeftModel
+    # Diffusion models (LLaDA; DiffusionGemma, whose generate is not transformers' GenerationMixin): plain PeftModel.
+    causal = getattr(model, "can_generate", lambda: False)() and hasattr(model, "prepare_inputs_for_generation")
+    task_type = "CAUSAL_LM" if causal else None
     sites = resolve_sites(model, edit.sites, edit.expert_masks)
-    stacked = {site.name for site in sites if site.stacked}
+    names = _names_everywhere(model, sites)
+    if any(len(n) > 1 for n in names.values()):
+        log.warning("the edited tensors are shared by several modules (tied halves): the adapter targets each of them "
+                    "with the same factors; do not merge it with PEFT's merge_and_unload (that applies the delta once "
+                    "per module, so twice to a shared tensor), use save_merged_model for a merged checkpoint")
+    stacked = {name for site in sites if site.stacked for name in names[site.name]}
     settings = dict(r=edit.rank, lora_alpha=edit.rank, lora_dropout=0.0, bias="none", task_type=task_type,
                     base_model_name_or_path=base_model)
-    modules = [s.name for s in sites if not s.stacked]
+    modules = [name for site in sites if not site.stacked for name in names[site.name]]
     retargeted = _retargeted_by_peft(LoraConfig(target_modules=modules, **settings), model)
     # A retargeted Linear is named by its weight instead: a 2-D ParamWrapper is an ordinary LoRA, same keys and shapes.
     parameters = sorted(stacked) + [f"{name}.weight" for name in modules if name in retargeted]
     config = LoraConfig(target_modules=[name for name in modules if name not in retargeted],
                         **({"target_parameters": parameters} if parameters else {}), **settings)
     tensors = {}
-    for site, (a, b) in edit.lora_factors(model).items():
-        if site in stacked:  # PEFT keys a parameter's LoRA by the module holding it
-            site, (a, b) = site.rpartition(".")[0], _stacked_lora(a, b)
-        tensors[f"base_model.model.{site}.lora_A.weight"] = a.to(dtype).contiguous()
-        tensors[f"base_model.model.{site}.lora_B.weight"] = b.to(dtype).contiguous()
+    for canonical, factors in edit.lora_factors(model).items():
+        for site in names[canonical]:
+            a, b = factors
+            if site in stacked:  # PEFT keys a parameter's LoRA by the module holding it
+                site, (a, b) = site.rpartition(".")[0], _stacked_lora(a, b)
+            tensors[f"base_model.model.{site}.lora_A.weight"] = a.to(dtype, copy=True).contiguous()  # copies: one
+            tensors[f"base_model.model.{site}.lora_B.weight"] = b.to(dtype, copy=True).contiguous()  # per name
     with atomic_dir(out_dir) as tmp:
         config.save_pretrained(tmp)
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -101,7 +126,7 @@ def check_adapter_fits(model: nn.Module, adapter_dir: str | Path, base_model: st
     if base_model is not None and recorded is not None and recorded != base_model:
         raise ValueError(f"adapter {adapter_dir} was made for base model {recorded!r}, not {base_model!r}; "
                          "load it onto the model it was trained on")
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied tensor under each module's name
     stacked = {name.rpartition(".")[0]: name for name in config.get("target_parameters") or []}
     for key, factor in load_file(str(adapter_dir / "adapter_model.safetensors")).items():
         site, _, part = key.removeprefix("base_model.model.").removesuffix(".weight").rpartition(".lora_")

@@ -57,6 +57,7 @@ class Family:
     name = "base"
     kl_at = "first response token"  # where `response_logprobs` reads: said next to every KL this family reports
     response_positions = 1  # how many response positions `response_logprobs` returns
+    requires_weight_form = False  # True: evaluate edits merged into the weights (tied halves a hook cannot reach)
     LAYER_PATHS: tuple[str, ...] = ()
     ATTENTION_WRITERS: tuple[str, ...] = ()
     MLP_WRITERS: tuple[str, ...] = ()
@@ -68,7 +69,7 @@ class Family:
         self.model, self.long_prompts = model, long_prompts
         self._cut_prompts: set[str] = set()  # warned about once each, not once per batch
         self.layers_path, self.layers = self._find_layers(model)
-        self.hidden_size: int = model.config.hidden_size
+        self.hidden_size: int = model.config.get_text_config().hidden_size  # composite configs keep it there
         self.num_layers = len(self.layers)
 
     def _find_layers(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -137,7 +138,7 @@ class Family:
     @property
     def max_prompt_tokens(self) -> int | None:
         """The longest templated prompt the model's context holds (None when its config does not say)."""
-        config = self.model.config
+        config = self.model.config.get_text_config()
         return getattr(config, "max_position_embeddings", None) or getattr(config, "max_sequence_length", None)
 
     def chat_batch(self, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], system_prompt: str | None = None,

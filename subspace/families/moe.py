@@ -8,6 +8,9 @@ layouts are found (the names are those transformers and older custom code use):
   `[num_experts, d, intermediate]`; the experts module is called as `experts(hidden, top_k_index, top_k_weights)`;
 - a `ModuleList` of experts, each with its own `Linear` down-projection (`mlp.experts.3.down_proj`).
 
+Gemma-4-style layers (DiffusionGemma) hold the experts directly (`experts.down_proj`), beside a dense `mlp`
+and a separate `router`: there the experts module is its own block (its output is the experts' whole sum).
+
 A shared expert (Qwen2-MoE `mlp.shared_expert`) runs on every token; its down-projection is a plain writer.
 """
 
@@ -60,12 +63,12 @@ def _linear_writer(module: nn.Module) -> str | None:
 
 def find_moe_block(layer: nn.Module) -> MoEBlock | None:
     """The layer's mixture-of-experts block, or None for a dense layer."""
-    for block_name in MOE_BLOCKS:
-        block = _child(layer, block_name)
+    for block_name in (*MOE_BLOCKS, ""):  # "": experts held by the layer itself, which are then their own block
+        block = _child(layer, block_name) if block_name else layer
         experts = _child(block, "experts") if block is not None else None
         if experts is None:
             continue
-        prefix = f"{block_name}.experts"
+        prefix = f"{block_name}.experts" if block_name else "experts"
         if (fused := _fused_writer(experts)) is not None:
             count, writers = getattr(experts, fused).shape[0], (f"{prefix}.{fused}",)
         elif isinstance(experts, nn.ModuleList) and len(experts) and all(_linear_writer(e) for e in experts):
@@ -73,7 +76,8 @@ def find_moe_block(layer: nn.Module) -> MoEBlock | None:
         else:
             raise TypeError(f"{type(experts).__name__} at {prefix} is neither fused experts (a 3-D parameter among "
                             f"{EXPERT_WRITERS}) nor a ModuleList of experts with a Linear among {EXPERT_WRITERS}")
-        return MoEBlock(block_name, prefix, count, fused is not None, writers, _shared_writer(block, block_name))
+        shared = _shared_writer(block, block_name) if block_name else None
+        return MoEBlock(block_name or prefix, prefix, count, fused is not None, writers, shared)
     return None
 
 

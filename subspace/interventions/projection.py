@@ -55,6 +55,8 @@ class ProjectionHooks:
     The bases are set per forward (`set`) so a trainable subspace is orthonormalised once per step and every
     hook sees the same tensors; with no bases set (`bases = None`) the model runs unedited. Nothing in the
     model is modified outside a forward; the expert weights are restored after it even if it raises.
+    A site whose weights several module objects run (tied encoder/decoder halves, `Site.aliases`) is hooked on
+    each of them, so the edit reaches every forward that uses its weights.
     """
 
     def __init__(self, targets: Sequence[nn.Module | Site]):
@@ -104,15 +106,15 @@ class ProjectionHooks:
         def restore(module: nn.Module, _inputs: tuple, _output) -> None:
             module._parameters[site.parameter] = original
 
-        return [site.module.register_forward_pre_hook(swap_in),
-                site.module.register_forward_hook(restore, always_call=True)]
+        return [handle for module in site.modules for handle in
+                (module.register_forward_pre_hook(swap_in), module.register_forward_hook(restore, always_call=True))]
 
     def __enter__(self) -> "ProjectionHooks":
         for i, site in enumerate(self.sites):
             if site.stacked:
                 self._handles += self._weight_hooks(i)
             else:
-                self._handles.append(site.module.register_forward_hook(self._output_hook(i)))
+                self._handles += [module.register_forward_hook(self._output_hook(i)) for module in site.modules]
         return self
 
     def __exit__(self, *exc) -> None:

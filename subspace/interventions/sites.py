@@ -5,6 +5,10 @@
   only, since the experts' separate outputs are never materialised; `expert_mask` limits the edit to
   some experts (moe_scope=active_only);
 - any other module (a MoE block, for moe_scope=layer_output): projected at its output only; it has no weight.
+
+A site is named once, but its weights may be run by several module objects: DiffusionGemma's encoder and decoder
+layers are distinct modules holding the same `Parameter`s. A hook fires only on the module it is registered on,
+so `aliases` lists the other modules of the same class holding the site's parameters; hooks go on all of them.
 """
 
 from __future__ import annotations
@@ -26,6 +30,12 @@ class Site:
     form: str  # one of FORMS
     parameter: str | None = None  # "weight" of a linear writer, the stacked experts' parameter; None: output only
     expert_mask: Tensor | None = None  # bool [num_experts], stacked experts only
+    aliases: tuple[nn.Module, ...] = ()  # other modules running the same parameters (tied encoder/decoder halves)
+
+    @property
+    def modules(self) -> tuple[nn.Module, ...]:
+        """Every module object that runs this site's weights: the hooks of the activation form go on each."""
+        return (self.module, *self.aliases)
 
     @property
     def stacked(self) -> bool:
@@ -46,7 +56,34 @@ class Site:
         return self.name if self.stacked else f"{self.name}.{self.parameter}"
 
 
-def resolve_site(model: nn.Module, name: str, expert_mask: Tensor | None = None) -> Site:
+Holders = dict[int, list[tuple[nn.Module, str]]]
+
+
+def parameter_holders(model: nn.Module) -> Holders:
+    """id(parameter) → every (module, attribute) holding it directly: two entries for one tied tensor."""
+    holders: Holders = {}
+    for module in model.modules():
+        for attr, param in module._parameters.items():
+            if param is not None:
+                holders.setdefault(id(param), []).append((module, attr))
+    return holders
+
+
+def tied_aliases(model: nn.Module, module: nn.Module, parameter: str | None = None,
+                 holders: Holders | None = None) -> tuple[nn.Module, ...]:
+    """The other modules of `module`'s class that hold the same parameter objects: all of its direct parameters,
+    or just `parameter`. A module without direct parameters (a block) has none: aliasing is told by weights."""
+    own = {a: p for a, p in module._parameters.items() if p is not None and (parameter is None or a == parameter)}
+    if not own:
+        return ()
+    holders = parameter_holders(model) if holders is None else holders
+    attr, first = next(iter(own.items()))
+    return tuple(m for m, a in holders.get(id(first), []) if a == attr and m is not module and type(m) is type(module)
+                 and all(m._parameters.get(n) is p for n, p in own.items()))
+
+
+def resolve_site(model: nn.Module, name: str, expert_mask: Tensor | None = None,
+                 holders: Holders | None = None) -> Site:
     """The site called `name`: a module name, or the name of a 3-D stacked-experts parameter."""
     parent_name, _, attr = name.rpartition(".")
     try:
@@ -63,18 +100,20 @@ def resolve_site(model: nn.Module, name: str, expert_mask: Tensor | None = None)
         if expert_mask is not None and tuple(expert_mask.shape) != (stacked.shape[0],):
             raise ValueError(f"expert mask for {name!r} has shape {tuple(expert_mask.shape)}, "
                              f"expected ({stacked.shape[0]},): one flag per expert")
-        return Site(name, parent, "stacked", attr, None if expert_mask is None else expert_mask.bool().cpu())
+        return Site(name, parent, "stacked", attr, None if expert_mask is None else expert_mask.bool().cpu(),
+                    tied_aliases(model, parent, attr, holders))
     if expert_mask is not None:
         raise ValueError(f"site {name!r} is a {type(module).__name__}, not stacked expert weights: an expert mask "
                          "only applies to a 3-D experts parameter")
     weight = module._parameters.get("weight")
     if weight is not None and weight.ndim == 2:  # nn.Linear and look-alikes: out = W x (+ b)
-        return Site(name, module, "linear", "weight")
-    return Site(name, module, "output")
+        return Site(name, module, "linear", "weight", aliases=tied_aliases(model, module, None, holders))
+    return Site(name, module, "output", aliases=tied_aliases(model, module, None, holders))
 
 
 def resolve_sites(model: nn.Module, names: list[str], expert_masks: dict[str, Tensor] | None = None) -> list[Site]:
     masks = expert_masks or {}
     if unknown := sorted(set(masks) - set(names)):
         raise ValueError(f"expert masks given for {unknown}, which are not among the edit's sites")
-    return [resolve_site(model, name, masks.get(name)) for name in names]
+    holders = parameter_holders(model)
+    return [resolve_site(model, name, masks.get(name), holders) for name in names]

@@ -54,3 +54,36 @@ def tiny_random_causal(hidden_size: int = 64, num_layers: int = 4, seed: int = 0
     return ModelBundle(model, tokenizer, f"tiny-llama-{hidden_size}x{num_layers}",
                        {"tiny_random": {"hidden_size": hidden_size, "num_layers": num_layers, "seed": seed,
                                         "vocab_size": vocab_size}})
+
+
+def tiny_diffusion_gemma(hidden_size: int = 64, num_layers: int = 2, num_experts: int = 4, canvas_length: int = 8,
+                         seed: int = 0, vocab_size: int = 512) -> ModelBundle:
+    """A tiny random `DiffusionGemmaForBlockDiffusion` (encoder and decoder sharing every layer tensor, fused
+    experts beside a dense MLP, post-norm layers) with the ChatML tokenizer above.
+
+    The vision tower is shrunk to ~17k parameters (the default one alone is ~167M); attention layers are one
+    sliding and one full, with a window longer than any test prompt. `family_options` keep the sampler short.
+    """
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+    from transformers.models.diffusion_gemma.configuration_diffusion_gemma import DiffusionGemmaTextConfig
+
+    tokenizer = tiny_tokenizer(vocab_size)
+    layer_types = ["sliding_attention"] * (num_layers - 1) + ["full_attention"]
+    text = DiffusionGemmaTextConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
+                                    intermediate_size=2 * hidden_size, num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=1,
+                                    head_dim=16, global_head_dim=16, num_experts=num_experts, top_k_experts=2,
+                                    moe_intermediate_size=hidden_size // 2, sliding_window=256, layer_types=layer_types,
+                                    max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
+                                    eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    vision = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=2, head_dim=8, position_embedding_size=64)
+    config = DiffusionGemmaConfig(text_config=text.to_dict(), vision_config=vision, canvas_length=canvas_length)
+    torch.manual_seed(seed)
+    model = DiffusionGemmaForBlockDiffusion(config).eval().requires_grad_(False)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return ModelBundle(model, tokenizer, f"tiny-diffusion-gemma-{hidden_size}x{num_layers}",
+                       {"tiny_random": {"family": "diffusion_gemma", "hidden_size": hidden_size,
+                                        "num_layers": num_layers, "num_experts": num_experts,
+                                        "canvas_length": canvas_length, "seed": seed}},
+                       {"kl_positions": 4, "sampler": {"max_denoising_steps": 4}})
