@@ -14,12 +14,12 @@ from subspace.benchmark.rows import Row, markdown_table, train_row
 from tests.conftest import ROOT
 
 
-def test_pick_point_takes_the_lowest_refusal_within_the_kl_budget():
+def test_pick_point_takes_the_lowest_kl_within_the_refusal_budget():
     points = ["a", "b", "c", "d"]
-    assert pick_point(points, [0.0, 0.1, 0.1, 0.5], [0.30, 0.05, 0.02, 0.01], kl_budget=0.1) == "c"
-    assert pick_point(points, [0.0, 0.1, 0.1, 0.5], [0.30, 0.25, 0.20, 0.15], kl_budget=0.1) == "d"  # none within
+    assert pick_point(points, [0.0, 0.03, 0.1, 0.5], [0.30, 0.05, 0.02, 0.01], refusal_budget=0.05) == "b"
+    assert pick_point(points, [0.2, 0.1, 0.1, 0.5], [0.30, 0.25, 0.20, 0.15], refusal_budget=0.05) == "c"  # none within
     with pytest.raises(ValueError, match="4 points but 3 refusal rates"):
-        pick_point(points, [0.0, 0.1, 0.1], [0.3, 0.2, 0.1, 0.0], 0.1)
+        pick_point(points, [0.0, 0.1, 0.1], [0.3, 0.2, 0.1, 0.0], 0.05)
 
 
 def test_table_shows_numbers_and_says_why_a_row_has_none():

@@ -29,7 +29,7 @@ class HereticSettings:
     python: str = "/work/heretic-venv/bin/python"
     trials: int = 8
     timeout_s: float = 3600.0
-    kl_budget: float = 0.10
+    refusal_budget: float = 0.05
 
 
 def evaluator_for(model_dir: Path, like: Evaluator) -> Evaluator:
@@ -85,12 +85,12 @@ def heretic_row(organism: str, evaluator: Evaluator, data, work_dir: Path, setti
         rate, _, _ = candidate.refusals(data["select_harmful"], desc=f"select {path.name}")
         scored.append((path, rate, kl_between(select_reference, candidate, data["select_harmless"])))
         log.info("heretic model %s: select refusal %.3f, select KL %.3f", path.name, rate, scored[-1][2])
-    chosen = pick_point([s[0] for s in scored], [s[1] for s in scored], [s[2] for s in scored], settings.kl_budget)
+    chosen = pick_point([s[0] for s in scored], [s[1] for s in scored], [s[2] for s in scored], settings.refusal_budget)
     final = evaluator_for(chosen, evaluator)
     harmful, _, _ = final.refusals(data["eval_harmful"], desc="heretic harmful")
     harmless, _, _ = final.refusals(data["eval_harmless"], desc="heretic harmless")
     kl = kl_between(evaluator.logprobs(data["eval_harmless"]), final, data["eval_harmless"])
     return Row(organism, "heretic", command, before["refusal_rate"], harmful, harmless, kl, time.time() - start,
                f"{result.trials} trials, {len(result.models)} on its front",
-               note=f"picked {chosen.name} of {len(scored)} by select split (KL budget {settings.kl_budget})",
+               note=f"picked {chosen.name} of {len(scored)} by select split (refusal budget {settings.refusal_budget})",
                n_harmful=len(data["eval_harmful"]), n_harmless=len(data["eval_harmless"]))
