@@ -167,8 +167,8 @@ def test_ddp_on_two_cpu_processes_matches_one_and_only_rank_zero_writes(tmp_path
 
     from tests.test_train import run_train
 
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
     single = run_train(tmp_path / "one", cache_dir)
-    (tmp_path / "two").mkdir()
     ddp = run_train(tmp_path / "two", cache_dir, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                     "trainer.precision=32-true")
     assert ddp["refusal_rate_after"] == single["refusal_rate_after"] and ddp["kl"] == single["kl"]

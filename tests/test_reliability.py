@@ -282,9 +282,9 @@ def test_a_run_leaves_the_base_model_untouched_on_disk_and_in_memory(tmp_path, c
     on_disk = file_hashes(folder)
     loaded, original_family_for = {}, pipeline.family_for
 
-    def family_for(model, **options):  # sees the run's own model right after loading
+    def family_for(model, *args, **options):  # sees the run's own model right after loading
         loaded.update(model=model, hashes=weight_hashes(model), logits=logits(model))
-        return original_family_for(model, **options)
+        return original_family_for(model, *args, **options)
 
     monkeypatch.setattr(pipeline, "family_for", family_for)
     register_resolvers()

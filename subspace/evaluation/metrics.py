@@ -1,4 +1,9 @@
-"""torchmetrics `Metric`s so the numbers accumulate over batches and devices the standard way."""
+"""torchmetrics `Metric`s so the numbers accumulate over batches the standard way.
+
+Evaluation runs in one process (rank 0, after a multi-process fit), so `compute` does not sync across processes
+by default: a sync would wait for ranks that never evaluate. Pass `sync_on_compute=True` to share one metric
+across ranks that all update it.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ class RefusalRate(Metric):
     full_state_update = False
 
     def __init__(self, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(**{"sync_on_compute": False} | kwargs)
         self.add_state("refused", default=torch.tensor(0), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
 
@@ -34,7 +39,7 @@ class ResponseKL(Metric):
     full_state_update = False
 
     def __init__(self, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(**{"sync_on_compute": False} | kwargs)
         self.add_state("kl_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
 
