@@ -18,7 +18,10 @@ def activation_bytes_per_token_layer(config: PretrainedConfig, dtype_bytes: int)
 
 
 def mlp_width_per_token(config: PretrainedConfig) -> int:
-    """Intermediate width a token runs through: the dense MLP's, or top-k experts' for a mixture of experts."""
+    """Intermediate width a token runs through: the dense MLP's, or top-k experts' for a mixture of experts, or both
+    where every layer runs a dense MLP beside its experts (Gemma-4 / DiffusionGemma: `top_k_experts`)."""
+    if getattr(config, "top_k_experts", None):
+        return config.intermediate_size + config.top_k_experts * config.moe_intermediate_size
     top_k = getattr(config, "num_experts_per_tok", None)
     if top_k is None:
         return config.intermediate_size
@@ -31,7 +34,9 @@ def estimate_memory(config: PretrainedConfig, n_parameters: int, dtype_bytes: in
     """GiB per component of one training step: frozen weights, saved activations of the two objective
     forwards (harmful and harmless batch), the subspace with its gradient and Adam moments, and the
     cached original distributions the KL compares against (float32, full vocabulary), and for fused MoE
-    experts the projected copy of every edited expert weight that autograd keeps for the backward pass."""
+    experts the projected copy of every edited expert weight that autograd keeps for the backward pass.
+    A multimodal config is read through its text config (the decoder's shape)."""
+    config = config.get_text_config()
     layers = config.num_hidden_layers
     activations = 2 * batch_size * tokens * layers * activation_bytes_per_token_layer(config, dtype_bytes)
     return {
