@@ -21,26 +21,17 @@ from omegaconf import DictConfig, OmegaConf
 
 # The repository root replaces this script's folder on the path (scripts/profile.py would shadow the standard library's).
 sys.path[0] = str(Path(__file__).resolve().parents[1])
-from subspace.config import REPO_ROOT, register_resolvers, shared_data_dir  # noqa: E402
+from subspace.config import REPO_ROOT, register_resolvers  # noqa: E402
 
 register_resolvers()
 TRAIN_ROWS = ("diff_means", "subspace")
-
-
-def split_overrides(split: str) -> list[str]:
-    """Which prompts the rows report on: the val split by default, the holdout files for the one final table."""
-    if split == "val":
-        return []
-    if split == "holdout":
-        holdout = shared_data_dir().parent / "holdout"
-        return [f"data.eval_harmful={holdout / 'harmful_test.json'}", f"data.eval_harmless={holdout / 'harmless_test.json'}"]
-    raise ValueError(f"split={split!r} must be 'val' or 'holdout'")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark")
 def main(cfg: DictConfig) -> dict:
     from subspace.benchmark.heretic_row import HereticSettings, heretic_row
     from subspace.benchmark.rows import markdown_table, train_row
+    from subspace.benchmark.splits import data_overrides, split_overrides
     from subspace.evaluation.evaluator import Evaluator
     from subspace.families import family_for
     from subspace.profiling.measure import profile_training_step
@@ -62,7 +53,7 @@ def main(cfg: DictConfig) -> dict:
     if "heretic" in cfg.rows:
         if family.name != "causal":
             raise ValueError(f"heretic supports causal models only; drop it from rows for {organism} ({family.name})")
-        data = instantiate(cfg.data, **_data_overrides(cfg.split))
+        data = instantiate(cfg.data, **data_overrides(cfg.split))
         evaluator = Evaluator(bundle, family, instantiate(cfg.eval.judge), cfg.eval.max_new_tokens,
                               cfg.eval.batch_size, cfg.system_prompt)
         measured = [r for r in rows if r.refusal_before is not None]
@@ -79,11 +70,6 @@ def main(cfg: DictConfig) -> dict:
     write_json(out / "benchmark.json", report)
     print(table)
     return report
-
-
-def _data_overrides(split: str) -> dict:
-    """The same eval prompts the train.py rows get from `split_overrides`, for the rows evaluated in-process."""
-    return dict(arg.removeprefix("data.").split("=", 1) for arg in split_overrides(split))
 
 
 if __name__ == "__main__":

@@ -66,3 +66,19 @@ def test_template_system_prompt_finds_the_default_a_template_inserts():
                          "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     assert template_system_prompt(tok) == "Be brief."
+
+
+def test_holdout_split_points_at_existing_files_or_says_which_are_missing(tmp_path, monkeypatch):
+    from subspace.benchmark.splits import split_overrides
+
+    assert split_overrides("val") == []
+    monkeypatch.setenv("SUBSPACE_SHARED_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"split=holdout needs .*holdout/harmful_test.json"):
+        split_overrides("holdout")
+    (tmp_path / "holdout").mkdir()
+    for name in ("harmful_test.json", "harmless_test.json"):
+        (tmp_path / "holdout" / name).write_text('["x"]')
+    assert split_overrides("holdout") == [f"data.eval_harmful={tmp_path}/holdout/harmful_test.json",
+                                          f"data.eval_harmless={tmp_path}/holdout/harmless_test.json"]
+    with pytest.raises(ValueError, match=r"split='test' must be one of \('val', 'holdout'\)"):
+        split_overrides("test")
