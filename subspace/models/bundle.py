@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -39,7 +40,19 @@ def load_pretrained(pretrained: str, *, dtype: str = "float32", device: str = "c
             f"could not load model {pretrained!r}: {err}\nDownload it (`huggingface-cli download {pretrained}`) on a "
             f"machine with hub access, or pass a local copy with model.pretrained=DIR."
         ) from err
-    model.to(device).eval().requires_grad_(False)
+    return frozen_bundle(model, tokenizer, name or Path(pretrained).name, {"pretrained": str(pretrained)}, device)
+
+
+def resolve_device(device: str) -> str:
+    """"auto": the GPU when there is one, else the CPU."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def frozen_bundle(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, source: dict, device: str,
+                  family: Mapping[str, Any] | None = None) -> ModelBundle:
+    """A loaded model made ready for the project: on its device, eval mode, no gradients (only a subspace or an
+    adapter ever trains), and a pad token (EOS when the tokenizer has none) for batched prompts."""
+    model.to(resolve_device(device)).eval().requires_grad_(False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return ModelBundle(model, tokenizer, name or Path(pretrained).name, {"pretrained": str(pretrained)})
+    return ModelBundle(model, tokenizer, name, source, dict(family or {}))

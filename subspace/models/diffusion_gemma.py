@@ -10,10 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
 from transformers import AutoTokenizer
 
-from subspace.models.bundle import ModelBundle, resolve_dtype
+from subspace.models.bundle import ModelBundle, frozen_bundle, resolve_dtype
 
 DIFFUSION_GEMMA_ID = "google/diffusiongemma-26B-A4B-it"
 # An estimate from the parameter count (26B total, ~4B active per token), not a measured figure.
@@ -56,11 +55,7 @@ def load_diffusion_gemma(model_id: str = DIFFUSION_GEMMA_ID, pretrained: str | N
     from transformers import DiffusionGemmaForBlockDiffusion
 
     path = local_checkpoint(model_id, pretrained)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=resolve_dtype(dtype), local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.to(device).eval().requires_grad_(False)
-    return ModelBundle(model, tokenizer, name or Path(model_id).name, {"pretrained": str(path), "model_id": model_id},
-                       dict(family or {}))
+    return frozen_bundle(model, tokenizer, name or Path(model_id).name, {"pretrained": str(path), "model_id": model_id},
+                         device, family)

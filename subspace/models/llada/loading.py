@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from subspace.models.bundle import ModelBundle, resolve_dtype
+from subspace.models.bundle import ModelBundle, frozen_bundle, resolve_dtype
 from subspace.models.llada.configuration import LLaDAConfig
 from subspace.models.llada.modeling import LLaDAModelLM
 
@@ -41,7 +41,6 @@ def load_llada(model_id: str = "GSAI-ML/LLaDA-8B-Instruct", pretrained: str | No
                family: Mapping[str, Any] | None = None) -> ModelBundle:
     """LLaDA in this project's class (strict key match), or in the published remote code when asked."""
     path = resolve_local(model_id, pretrained)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if trust_remote_code:
         from transformers import AutoModel
 
@@ -49,11 +48,8 @@ def load_llada(model_id: str = "GSAI-ML/LLaDA-8B-Instruct", pretrained: str | No
     else:
         model = LLaDAModelLM.from_pretrained(path, dtype=resolve_dtype(dtype))
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.to(device).eval().requires_grad_(False)
-    return ModelBundle(model, tokenizer, name or Path(model_id).name, {"pretrained": str(path), "model_id": model_id},
-                       dict(family or {}))
+    return frozen_bundle(model, tokenizer, name or Path(model_id).name, {"pretrained": str(path), "model_id": model_id},
+                         device, family)
 
 
 LLAMA_TO_LLADA = {
