@@ -79,18 +79,19 @@ def heretic_row(organism: str, evaluator: Evaluator, data, work_dir: Path, setti
         return Row(organism, "heretic", command, before["refusal_rate"], wall_s=time.time() - start,
                    note=result.error or "heretic saved no model")
     select_reference = evaluator.logprobs(data["select_harmless"])
-    scored = []
+    candidates, rates, kls = [], [], []
     for path in result.models:
-        candidate = evaluator_for(path, evaluator)
-        rate, _, _ = candidate.refusals(data["select_harmful"], desc=f"select {path.name}")
-        scored.append((path, rate, kl_between(select_reference, candidate, data["select_harmless"])))
-        log.info("heretic model %s: select refusal %.3f, select KL %.3f", path.name, rate, scored[-1][2])
-    chosen = pick_point([s[0] for s in scored], [s[1] for s in scored], [s[2] for s in scored], settings.refusal_budget)
-    final = evaluator_for(chosen, evaluator)
+        candidates.append(evaluator_for(path, evaluator))
+        rates.append(candidates[-1].refusals(data["select_harmful"], desc=f"select {path.name}")[0])
+        kls.append(kl_between(select_reference, candidates[-1], data["select_harmless"]))
+        log.info("heretic model %s: select refusal %.3f, select KL %.3f", path.name, rates[-1], kls[-1])
+    final = pick_point(candidates, rates, kls, settings.refusal_budget)
+    chosen = Path(final.bundle.source["pretrained"])
+    del candidates  # only the chosen model stays loaded
     harmful, _, _ = final.refusals(data["eval_harmful"], desc="heretic harmful")
     harmless, _, _ = final.refusals(data["eval_harmless"], desc="heretic harmless")
     kl = kl_between(evaluator.logprobs(data["eval_harmless"]), final, data["eval_harmless"])
     return Row(organism, "heretic", command, before["refusal_rate"], harmful, harmless, kl, time.time() - start,
                f"{result.trials} trials, {len(result.models)} on its front",
-               note=f"picked {chosen.name} of {len(scored)} by select split (refusal budget {settings.refusal_budget})",
+               note=f"picked {chosen.name} of {len(rates)} by select split (refusal budget {settings.refusal_budget})",
                n_harmful=len(data["eval_harmful"]), n_harmless=len(data["eval_harmless"]))

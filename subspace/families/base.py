@@ -154,31 +154,33 @@ class Family:
         if tokenizer.pad_token_id is None:
             raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no pad token; set tokenizer.pad_token.")
         limit = max_length or self.max_prompt_tokens
-        texts = [self._fit(tokenizer, p, system_prompt, limit) for p in prompts]
+        texts = [self._templated(tokenizer, p, system_prompt) for p in prompts]
         tokenizer.padding_side = "left"
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        if limit is not None and batch["input_ids"].shape[1] > limit:  # only then: re-fit the long prompts
+            lengths = batch["attention_mask"].sum(1).tolist()
+            texts = [self._fit(tokenizer, p, t, n, system_prompt, limit) if n > limit else t
+                     for p, t, n in zip(prompts, texts, lengths)]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         return {k: v.to(self.model.device) for k, v in batch.items()}
 
-    def _fit(self, tokenizer: PreTrainedTokenizerBase, prompt: str, system_prompt: str | None,
-             limit: int | None) -> str:
-        """The templated prompt, its user text cut from the end until it fits `limit` tokens."""
-        def templated(text: str) -> str:
-            return tokenizer.apply_chat_template(self.messages(text, system_prompt), tokenize=False,
-                                                 add_generation_prompt=True)
+    def _templated(self, tokenizer: PreTrainedTokenizerBase, prompt: str, system_prompt: str | None) -> str:
+        return tokenizer.apply_chat_template(self.messages(prompt, system_prompt), tokenize=False,
+                                             add_generation_prompt=True)
 
+    def _fit(self, tokenizer: PreTrainedTokenizerBase, prompt: str, text: str, n: int, system_prompt: str | None,
+             limit: int) -> str:
+        """`text` (the templated prompt, `n` tokens), its user text cut from the end until it fits `limit` tokens."""
         def length(text: str) -> int:
             return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-        text = templated(prompt)
-        if limit is None or (n := length(text)) <= limit:
-            return text
         where = f"prompt {prompt[:60]!r}{'…' if len(prompt) > 60 else ''} is {n} tokens templated, over the limit of {limit}"
         if self.long_prompts == "error":
             raise ValueError(f"{where}; shorten it, raise the limit (method.max_length), or set long_prompts=truncate "
                              "to cut it to fit")
         words = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         keep = len(words) - (n - limit)
-        while keep > 0 and length(text := templated(tokenizer.decode(words[:keep]))) > limit:
+        while keep > 0 and length(text := self._templated(tokenizer, tokenizer.decode(words[:keep]), system_prompt)) > limit:
             keep -= max(1, length(text) - limit)  # re-tokenising a cut can merge or split a token or two
         if keep <= 0:
             raise ValueError(f"{where}, and the chat template alone does not fit; raise the limit")
