@@ -49,7 +49,7 @@ def main(cfg: DictConfig) -> dict:
     report = {"organism": organism, "split": cfg.split, "settings": OmegaConf.to_container(cfg, resolve=True)}
     report["overhead"] = profile_training_step(family, cfg.method.batch_size, cfg.overhead.prompt_length,
                                                cfg.method.rank, cfg.objective.kl_weight, cfg.overhead.steps,
-                                               cfg.overhead.warmup)
+                                               cfg.overhead.warmup, kl_top_k=cfg.objective.kl_top_k)
     if "heretic" in cfg.rows:
         if family.name != "causal":
             raise ValueError(f"heretic supports causal models only; drop it from rows for {organism} ({family.name})")

@@ -57,7 +57,7 @@ def main(cfg: DictConfig) -> dict:
         "parameters": params,
         "estimate": estimate_memory(config, params["total"], resolve_dtype(cfg.dtype).itemsize, cfg.batch_size, tokens,
                                     cfg.rank, family.num_layers, cfg.kl_rows, getattr(family, "kl_positions", 1),
-                                    edited_expert_parameters),
+                                    edited_expert_parameters, cfg.kl_top_k),
     }
     free_gib = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda"
                 else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) / 1024 ** 3
@@ -71,7 +71,7 @@ def main(cfg: DictConfig) -> dict:
         report["weights_allocated_gib"] = (torch.cuda.memory_allocated(device) / 1024 ** 3
                                            if device.type == "cuda" else None)
         report["training"] = profile_training_step(family, cfg.batch_size, cfg.prompt_length, cfg.rank, cfg.kl_weight,
-                                                   cfg.steps, cfg.warmup, cfg.seed)
+                                                   cfg.steps, cfg.warmup, cfg.seed, cfg.kl_top_k)
         if hasattr(family, "sampler"):
             report["sampler"] = profile_sampler(family, cfg.batch_size, cfg.prompt_length, cfg.gen_length, cfg.seed)
     write_json(Path(cfg.paths.output_dir) / "profile.json", report)

@@ -23,7 +23,8 @@ from subspace.data.datamodule import PairedBatches, PairedPromptDataModule, Resu
 from subspace.families import CausalFamily
 from subspace.objectives.losses import kl_divergence, refusal_loss
 from subspace.pipeline import resume_checkpoint
-from subspace.training.subspace_module import LearnedSubspace, SubspaceModule, tensor_digest
+from subspace.training.subspace_module import LearnedSubspace, SubspaceModule
+from subspace.utils.digest import tensor_digest
 from tests.conftest import ROOT
 from tests.test_train import run_train
 
@@ -119,7 +120,7 @@ def test_resume_last_without_a_checkpoint_names_the_directory_and_how_to_resume(
 
 
 def tiny_fit(tiny, tmp_path: Path, steps: int, callbacks: tuple = (), refusal_ids: tuple[int, ...] = (5, 7),
-             resume: bool = False) -> tuple[SubspaceModule, L.Trainer]:
+             resume: bool = False, kl_top_k: int | None = None) -> tuple[SubspaceModule, L.Trainer]:
     """A few steps of the real module and datamodule on the tiny random model, checkpointing every step."""
     family = CausalFamily(tiny.model)
     prompts = [f"Tell me about topic number {i}." for i in range(8)]
@@ -129,7 +130,7 @@ def tiny_fit(tiny, tmp_path: Path, steps: int, callbacks: tuple = (), refusal_id
     init = torch.randn(len(layers), family.hidden_size, 2, generator=torch.Generator().manual_seed(0))
     subspace = LearnedSubspace(init, [layers.index(s.layer) for s in sites], learn_strength=True)
     module = SubspaceModule(family, [s.name for s in sites], subspace, torch.tensor(refusal_ids),
-                            data.harmless_batches())
+                            data.harmless_batches(), kl_top_k=kl_top_k)
     trainer = quiet_trainer(steps, tmp_path / "checkpoints", callbacks=callbacks)
     with module.hooks:
         trainer.fit(module, datamodule=data, ckpt_path=tmp_path / "checkpoints" / "last.ckpt" if resume else None)
@@ -179,7 +180,7 @@ def test_terms_are_float32_and_finite_for_a_bfloat16_model(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("poison, message", [
-    (lambda m: m.reference.fill_(float("nan")), "non-finite loss at step 2: the kl term"),
+    (lambda m: m.reference.logprobs.fill_(float("nan")), "non-finite loss at step 2: the kl term"),
     (lambda m: m.subspace.raw.register_hook(lambda g: g * float("nan")),
      "non-finite gradient at step 2 in subspace.raw: the gradients at both terms' log-probabilities are finite"),
     (poison_refusal_gradient, "non-finite gradient at step 2 in subspace.raw, subspace.strength_logits: it is "

@@ -27,3 +27,26 @@ def refusal_loss(logprobs: Tensor, refusal_token_ids: Tensor) -> Tensor:
 def kl_divergence(reference_logprobs: Tensor, logprobs: Tensor) -> Tensor:
     """Mean over batch (and positions) of KL(P_original ‖ P_edited), both float32 log-probabilities [..., vocab]."""
     return (reference_logprobs.exp() * (reference_logprobs - logprobs)).sum(-1).mean()
+
+
+def remainder_logprob(logprobs: Tensor, ids: Tensor) -> Tensor:
+    """log of the mass outside the tokens `ids` [..., K], from log-probabilities [..., vocab]: [...].
+
+    A logsumexp over the other tokens, so it stays exact when the kept tokens hold nearly all the mass (where
+    log(1 − Σ p) cancels to nothing in float32). The kept tokens are filled with the most negative finite float,
+    not −inf, so that an empty remainder (K = vocab) gives a finite log and no NaN gradient.
+    """
+    return logprobs.scatter(-1, ids.long(), torch.finfo(logprobs.dtype).min).logsumexp(-1)
+
+
+def coarse_kl_divergence(top_logprobs: Tensor, ids: Tensor, rest_logprob: Tensor, logprobs: Tensor) -> Tensor:
+    """`kl_divergence` between P and Q both coarsened to K+1 bins: P's top-K tokens, and the rest pooled.
+
+    P is given compactly (`top_logprobs` and `ids` [..., K], `rest_logprob` [...]: log of P's remaining mass),
+    Q in full [..., vocab]. Pooling can only lose information, so this is ≤ the full KL (data processing
+    inequality), with equality for K = vocab. The gap is p_rest · KL between P and Q renormalised over the pooled
+    tokens (chain rule), so it is small when P is peaked and K holds most of its mass.
+    """
+    kept = torch.cat([top_logprobs, rest_logprob.unsqueeze(-1)], -1)
+    edited = torch.cat([logprobs.gather(-1, ids.long()), remainder_logprob(logprobs, ids).unsqueeze(-1)], -1)
+    return kl_divergence(kept, edited)

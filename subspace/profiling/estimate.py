@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from subspace.objectives.reference import ReferenceDistributions
+
 GIB = 1024 ** 3
 
 
@@ -30,19 +32,20 @@ def mlp_width_per_token(config: PretrainedConfig) -> int:
 
 def estimate_memory(config: PretrainedConfig, n_parameters: int, dtype_bytes: int, batch_size: int, tokens: int,
                     rank: int, n_bases: int, kl_rows: int, kl_positions: int,
-                    edited_expert_parameters: int = 0) -> dict[str, float]:
+                    edited_expert_parameters: int = 0, kl_top_k: int | None = None) -> dict[str, float]:
     """GiB per component of one training step: frozen weights, saved activations of the two objective
     forwards (harmful and harmless batch), the subspace with its gradient and Adam moments, and the
-    cached original distributions the KL compares against (float32, full vocabulary), and for fused MoE
-    experts the projected copy of every edited expert weight that autograd keeps for the backward pass.
+    cached original distributions the KL compares against (full vocabulary, or the top `kl_top_k` tokens), and for
+    fused MoE experts the projected copy of every edited expert weight that autograd keeps for the backward pass.
     A multimodal config is read through its text config (the decoder's shape)."""
     config = config.get_text_config()
     layers = config.num_hidden_layers
     activations = 2 * batch_size * tokens * layers * activation_bytes_per_token_layer(config, dtype_bytes)
+    kl_cache = kl_rows * kl_positions * ReferenceDistributions.position_bytes(config.vocab_size, kl_top_k)
     return {
         "weights_gib": n_parameters * dtype_bytes / GIB,
         "activations_gib": activations / GIB,
         "subspace_gib": n_bases * config.hidden_size * rank * 4 * 4 / GIB,
-        "kl_cache_gib": kl_rows * kl_positions * config.vocab_size * 4 / GIB,
+        "kl_cache_gib": kl_cache / GIB,
         "expert_weight_copies_gib": edited_expert_parameters * dtype_bytes / GIB,
     }

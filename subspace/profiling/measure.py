@@ -45,7 +45,8 @@ def random_prompts(family: Family, batch_size: int, length: int, generator: torc
 
 
 def profile_training_step(family: Family, batch_size: int, prompt_length: int, rank: int, kl_weight: float,
-                          steps: int, warmup: int, seed: int = 0) -> dict[str, float | None]:
+                          steps: int, warmup: int, seed: int = 0,
+                          kl_top_k: int | None = None) -> dict[str, float | None]:
     """Seconds, tokens/s and peak memory of one subspace training step (every layer edited, one basis per
     layer) and of the plain frozen forward+backward on the same batches."""
     device = family.model.device
@@ -57,7 +58,8 @@ def profile_training_step(family: Family, batch_size: int, prompt_length: int, r
     init = torch.randn(len(layers), family.hidden_size, rank, generator=generator)
     subspace = LearnedSubspace(init, [layers.index(s.layer) for s in sites])
     refusal_ids = torch.randint(0, harmful["input_ids"].max().item() + 1, (8,), generator=generator)
-    module = SubspaceModule(family, [s.name for s in sites], subspace, refusal_ids, [harmless], kl_weight).to(device)
+    module = SubspaceModule(family, [s.name for s in sites], subspace, refusal_ids, [harmless], kl_weight,
+                            kl_top_k=kl_top_k).to(device)
     module.on_fit_start()
     optimizer = module.configure_optimizers()
     batch = {"harmful": harmful, "harmless": harmless | {"index": torch.arange(batch_size)}}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import random
 from typing import Any, Sequence
 
@@ -13,7 +12,8 @@ from torch import Tensor, nn
 from subspace.interventions.edit import ProjectionEdit
 from subspace.interventions.projection import ProjectionHooks, orthonormalize
 from subspace.families.base import Family
-from subspace.objectives.losses import kl_divergence, refusal_loss
+from subspace.objectives.losses import refusal_loss
+from subspace.objectives.reference import ReferenceDistributions, check_top_k
 
 
 def rng_states() -> dict[str, Any]:
@@ -30,13 +30,6 @@ def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def tensor_digest(tensor: Tensor) -> str:
-    """Content hash of a tensor (dtype, shape and bytes)."""
-    t = tensor.detach().cpu().contiguous()
-    header = f"{t.dtype}{tuple(t.shape)}".encode()
-    return hashlib.sha256(header + t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
 
 
 def nonfinite(values: dict[str, Tensor]) -> list[str]:
@@ -68,8 +61,9 @@ class SubspaceModule(L.LightningModule):
 
     The base model is frozen and held outside the module's parameter registry, so checkpoints
     and optimiser state contain only the subspace. The original harmless distributions are
-    computed once (`on_fit_start`) and indexed by prompt. Fit inside `with module.hooks:` so the
-    projection hooks are removed however training ends.
+    computed once (`on_fit_start`) and indexed by prompt: over the full vocabulary, or with `kl_top_k`
+    only each position's top-k tokens and the pooled rest (`ReferenceDistributions`). Fit inside
+    `with module.hooks:` so the projection hooks are removed however training ends.
 
     Resuming is exact: a checkpoint also holds the global RNG states and a digest of the original
     distributions, and a resumed fit stops if the original distributions or the refusal tokens differ
@@ -79,17 +73,20 @@ class SubspaceModule(L.LightningModule):
 
     def __init__(self, family: Family, sites: Sequence[str], subspace: LearnedSubspace, refusal_token_ids: Tensor,
                  harmless_prompt_batches: Sequence[dict[str, Tensor]] = (), kl_weight: float = 1.0, lr: float = 1e-2,
-                 strength_lr: float = 5e-2, meta: dict | None = None, expert_masks: dict[str, Tensor] | None = None):
+                 strength_lr: float = 5e-2, meta: dict | None = None, expert_masks: dict[str, Tensor] | None = None,
+                 kl_top_k: int | None = None):
         super().__init__()
         if kl_weight < 0:
             raise ValueError(f"objective.kl_weight={kl_weight} must be ≥ 0")
+        check_top_k(kl_top_k)
         self._frozen = (family,)  # a tuple is not registered: the model gets no gradients and stays out of checkpoints
         self.sites = list(sites)
         self.subspace = subspace
         self.register_buffer("refusal_token_ids", torch.as_tensor(refusal_token_ids, dtype=torch.long))
         self.kl_weight, self.lr, self.strength_lr, self.meta = kl_weight, lr, strength_lr, meta or {}
+        self.kl_top_k = kl_top_k
         self._reference_batches = list(harmless_prompt_batches)
-        self.reference: Tensor | None = None
+        self.reference: ReferenceDistributions | None = None
         self._reference_digest: str | None = None
         self._checkpoint_reference_digest: str | None = None  # set when resuming
         self._term_logprobs: dict[str, Tensor] = {}  # this step's log-probs of each term, their gradients kept
@@ -104,13 +101,15 @@ class SubspaceModule(L.LightningModule):
     @torch.no_grad()
     def on_fit_start(self) -> None:
         if self.reference is None:
-            self.reference = torch.cat([self.family.response_logprobs(b) for b in self._reference_batches])
-            self._reference_digest = tensor_digest(self.reference)
+            logprobs = (self.family.response_logprobs(b) for b in self._reference_batches)
+            self.reference = ReferenceDistributions.build(logprobs, self.kl_top_k)
+            self._reference_digest = self.reference.digest()
         expected = self._checkpoint_reference_digest
         if expected is not None and expected != self._reference_digest:
             raise ValueError(f"the checkpoint was trained against original harmless distributions with digest "
-                             f"{expected}, this run computed {self._reference_digest}: the model or the harmless "
-                             "training prompts changed since, so the run cannot be resumed from it")
+                             f"{expected}, this run computed {self._reference_digest}: the model, the harmless "
+                             "training prompts or objective.kl_top_k changed since, so the run cannot be resumed "
+                             "from it")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng_states"] = rng_states()
@@ -149,7 +148,7 @@ class SubspaceModule(L.LightningModule):
 
     def terms(self, harmful: Tensor, harmless: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
         """(refusal, KL) from the two batches' response log-probabilities; `index` picks the cached originals."""
-        kl = kl_divergence(self.reference[index.cpu()].to(harmless.device), harmless)
+        kl = self.reference[index.cpu()].to(harmless.device).kl(harmless)
         return refusal_loss(harmful, self.refusal_token_ids), kl
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
