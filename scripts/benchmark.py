@@ -2,7 +2,8 @@
 
     python scripts/benchmark.py                          # the causal organism, eval on harmful_val / harmless_val
     python scripts/benchmark.py split=holdout            # once, with the chosen settings: ../shared/data/holdout
-    python scripts/benchmark.py rows=[diff_means,subspace] model=llada_organism "train_overrides=['eval.max_new_tokens=32']"
+    python scripts/benchmark.py model=llada_organism "train_overrides=['eval.max_new_tokens=32']" \
+        "row_overrides.diff_means=['method.scan_layers=[14,16,18,20,22,24,26,28]']"
 
 Each method row is `train.py` run as its own process (the command in the table); heretic runs in its own venv
 (`subspace.baselines.heretic`). Every number comes from this project's evaluator. Writes benchmark.md and
@@ -29,7 +30,7 @@ TRAIN_ROWS = ("diff_means", "subspace")
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="benchmark")
 def main(cfg: DictConfig) -> dict:
-    from subspace.benchmark.heretic_row import HereticSettings, heretic_row
+    from subspace.benchmark.heretic_row import HereticSettings, heretic_row, unsupported
     from subspace.benchmark.rows import markdown_table, train_row
     from subspace.benchmark.splits import data_overrides, split_overrides
     from subspace.evaluation.evaluator import Evaluator
@@ -41,8 +42,11 @@ def main(cfg: DictConfig) -> dict:
         raise ValueError(f"rows {unknown} unknown; valid rows are {[*TRAIN_ROWS, 'heretic']}")
     out = Path(cfg.paths.output_dir)
     organism = HydraConfig.get().runtime.choices.model
+    if unknown := sorted(set(cfg.row_overrides) - set(TRAIN_ROWS)):
+        raise ValueError(f"row_overrides for {unknown}: only {list(TRAIN_ROWS)} rows run train.py")
     overrides = [*split_overrides(cfg.split), *cfg.train_overrides]
-    rows = [train_row(organism, method, overrides, out / method, REPO_ROOT) for method in cfg.rows if method in TRAIN_ROWS]
+    rows = [train_row(organism, method, [*overrides, *cfg.row_overrides.get(method, [])], out / method, REPO_ROOT)
+            for method in cfg.rows if method in TRAIN_ROWS]
 
     bundle = instantiate(cfg.model)
     family = family_for(bundle.model, cfg.long_prompts, **bundle.family_options)
@@ -50,9 +54,9 @@ def main(cfg: DictConfig) -> dict:
     report["overhead"] = profile_training_step(family, cfg.method.batch_size, cfg.overhead.prompt_length,
                                                cfg.method.rank, cfg.objective.kl_weight, cfg.overhead.steps,
                                                cfg.overhead.warmup, kl_top_k=cfg.objective.kl_top_k)
-    if "heretic" in cfg.rows:
-        if family.name != "causal":
-            raise ValueError(f"heretic supports causal models only; drop it from rows for {organism} ({family.name})")
+    if "heretic" in cfg.rows and (why_not := unsupported(organism, family.name)):
+        rows.append(why_not)
+    elif "heretic" in cfg.rows:
         data = instantiate(cfg.data, **data_overrides(cfg.split))
         evaluator = Evaluator(bundle, family, instantiate(cfg.eval.judge), cfg.eval.max_new_tokens,
                               cfg.eval.batch_size, cfg.system_prompt)

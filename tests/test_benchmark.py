@@ -41,6 +41,7 @@ def test_benchmark_script_end_to_end(tmp_path, cache_dir, tiny_organism):
     common = f"paths.cache_dir={cache_dir}"
     cmd = [sys.executable, str(ROOT / "scripts/benchmark.py"), "model=tiny_organism", common, f"hydra.run.dir={out}",
            f"train_overrides=['debug=fast','logger=csv','{common}']", "heretic.python=/nonexistent/bin/python",
+           "row_overrides.diff_means=['method.scan_layers=[1,2]']",
            "overhead.steps=2", "overhead.warmup=1"]
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -50,10 +51,17 @@ def test_benchmark_script_end_to_end(tmp_path, cache_dir, tiny_organism):
     for method in ("diff_means", "subspace"):
         metrics = json.loads((out / method / "metrics.json").read_text())
         assert rows[method]["refusal_after"] == metrics["refusal_rate_after"] and rows[method]["kl"] == metrics["kl"]
-    assert rows["subspace"]["trials_or_steps"] == "3 steps" and rows["diff_means"]["trials_or_steps"] == "4 layers scanned"
+    assert rows["subspace"]["trials_or_steps"] == "3 steps" and rows["diff_means"]["trials_or_steps"] == "2 layers scanned"
     assert rows["heretic"]["refusal_after"] is None and "/nonexistent/bin/python" in rows["heretic"]["note"]
     assert report["overhead"]["step_overhead_ratio"] > 0
     assert "costs" in (out / "benchmark.md").read_text()
+
+
+def test_heretic_row_says_why_for_a_model_it_cannot_load():
+    from subspace.benchmark.heretic_row import unsupported
+    assert unsupported("smollm2_organism", "causal") is None
+    row = unsupported("llada_organism", "llada")
+    assert row.refusal_after is None and "causal language models only" in row.note and "llada model" in row.note
 
 
 def test_template_system_prompt_finds_the_default_a_template_inserts():

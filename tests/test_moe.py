@@ -283,12 +283,14 @@ def test_layer_output_projects_the_block_output_and_leaves_the_experts(kind):
 
 
 def test_expert_weight_edit_is_differentiable_and_the_weights_are_restored_even_on_error():
+    """The weight swap (forced: Mixtral's all-experts sites would otherwise be projected at the experts' output)."""
     model = tiny_moe("mixtral")
     family = CausalFamily(model)
     sites = [s.name for s in family.writer_sites() if s.kind == "expert_out"]
     raw = torch.randn(len(sites), HIDDEN, 2, requires_grad=True)
     params = {name: model.get_parameter(name) for name in sites}
-    with ProjectionHooks.for_sites(model, sites) as hooks:
+    with ProjectionHooks.for_sites(model, sites, lean_experts=False) as hooks:
+        assert hooks.paths == ["weight"] * len(sites)
         hooks.set(orthonormalize(raw), torch.ones(len(sites)))
         model(token_ids()).logits.square().mean().backward()
         assert raw.grad is not None and raw.grad.abs().sum() > 0

@@ -32,6 +32,14 @@ class HereticSettings:
     refusal_budget: float = 0.05
 
 
+def unsupported(organism: str, family_name: str) -> Row | None:
+    """The heretic row for a model heretic cannot load (it reads causal LMs only), saying why; None if it can."""
+    if family_name == "causal":
+        return None
+    return Row(organism, "heretic", "—", note=f"heretic loads causal language models only (AutoModelForCausalLM); "
+               f"{organism} is a {family_name} model")
+
+
 def evaluator_for(model_dir: Path, like: Evaluator) -> Evaluator:
     """An evaluator with `like`'s sampler, judge and batch size, on another model (same tokenizer)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=like.bundle.model.dtype).eval()

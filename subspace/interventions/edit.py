@@ -27,7 +27,9 @@ class ProjectionEdit:
     The same edit applies as forward hooks on the writers' outputs (activation form, `applied`) or as
     rank-k deltas `B A` with `B = −λU`, `A = UᵀW` (weight form, a LoRA with `lora_alpha = r`; `merged`).
     A site may also name stacked expert weights `[num_experts, d, in]` (fused MoE experts): every expert's
-    slice is edited, in weight form in both cases, or only those flagged in `expert_masks[site]`.
+    slice is edited, in weight form in both cases, or only those flagged in `expert_masks[site]`; with every
+    expert edited, `applied` projects the experts module's output instead where that is the same edit
+    (`Site.output_equivalent`).
     A site naming another module (a MoE block's output) has the activation form only.
     """
 

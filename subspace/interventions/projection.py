@@ -1,9 +1,10 @@
 """Projection maths, and hooks applying it while a model runs: x ← x − λ·U Uᵀ x at the output of residual
-writers, or W ← (I − λ·U Uᵀ) W on stacked expert weights, whose per-expert outputs are never materialised."""
+writers, or W ← (I − λ·U Uᵀ) W on stacked expert weights, whose per-expert outputs are never materialised
+(unless that equals projecting the experts module's output, which is then done instead: `ProjectionHooks.paths`)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -48,9 +49,17 @@ def projected_weight(weight: Tensor, basis: Tensor, strength: Tensor | float = 1
     return (weight.float() + b @ a).to(weight.dtype)
 
 
+EditPath = Literal["output", "weight"]  # how a site is edited while a forward runs
+
+
 class ProjectionHooks:
     """While entered, each site is edited by its subspace: writer outputs are projected (forward hooks) and
     stacked expert weights are swapped for their projected copy for the duration of the experts' forward.
+
+    The swap costs a projected copy of every expert's weights per layer, which autograd keeps for backward
+    (2.4 GiB a Qwen3-30B-A3B layer). So with `lean_experts`, a stacked site whose edit equals projecting its
+    module's output (`Site.output_equivalent`: every expert edited, a module that sums its experts linearly
+    with no bias) is projected at that output instead: the same edit, keeping only [tokens, d] activations.
 
     The bases are set per forward (`set`) so a trainable subspace is orthonormalised once per step and every
     hook sees the same tensors; with no bases set (`bases = None`) the model runs unedited. Nothing in the
@@ -59,17 +68,20 @@ class ProjectionHooks:
     each of them, so the edit reaches every forward that uses its weights.
     """
 
-    def __init__(self, targets: Sequence[nn.Module | Site]):
+    def __init__(self, targets: Sequence[nn.Module | Site], lean_experts: bool = True):
         self.sites = [t if isinstance(t, Site) else Site(type(t).__name__, t, "output") for t in targets]
+        # per site: "output" (a hook projects the module's output) or "weight" (projected stacked weights swapped in)
+        self.paths: list[EditPath] = ["weight" if s.stacked and not (lean_experts and s.output_equivalent) else "output"
+                                  for s in self.sites]
         self.bases: Tensor | None = None  # [S, d, k]
         self.strengths: Tensor | None = None  # [S]
         self._handles: list = []
 
     @classmethod
-    def for_sites(cls, model: nn.Module, names: Sequence[str],
-                  expert_masks: dict[str, Tensor] | None = None) -> "ProjectionHooks":
+    def for_sites(cls, model: nn.Module, names: Sequence[str], expert_masks: dict[str, Tensor] | None = None,
+                  lean_experts: bool = True) -> "ProjectionHooks":
         """Hooks for an edit's sites by name (modules, or stacked-experts parameters with optional expert masks)."""
-        return cls(resolve_sites(model, list(names), expert_masks))
+        return cls(resolve_sites(model, list(names), expert_masks), lean_experts)
 
     @property
     def modules(self) -> list[nn.Module]:
@@ -110,8 +122,8 @@ class ProjectionHooks:
                 (module.register_forward_pre_hook(swap_in), module.register_forward_hook(restore, always_call=True))]
 
     def __enter__(self) -> "ProjectionHooks":
-        for i, site in enumerate(self.sites):
-            if site.stacked:
+        for i, (site, path) in enumerate(zip(self.sites, self.paths)):
+            if path == "weight":
                 self._handles += self._weight_hooks(i)
             else:
                 self._handles += [module.register_forward_hook(self._output_hook(i)) for module in site.modules]

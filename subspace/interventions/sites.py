@@ -1,9 +1,10 @@
 """What an edit's site name points at in a model, and so which forms of the edit it supports.
 
 - a linear writer (2-D `weight` [d, in]): projected at its output (hooks) or in its weight `W ← (I − λUUᵀ)W`;
-- stacked expert weights, a 3-D parameter `[num_experts, d, in]` (fused MoE experts): edited in weight form
-  only, since the experts' separate outputs are never materialised; `expert_mask` limits the edit to
-  some experts (moe_scope=active_only);
+- stacked expert weights, a 3-D parameter `[num_experts, d, in]` (fused MoE experts): edited in weight form,
+  since the experts' separate outputs are never materialised; `expert_mask` limits the edit to some experts
+  (moe_scope=active_only). With every expert edited, an experts module known to sum its experts' outputs
+  linearly (`sums_expert_outputs`) may instead be projected at its output: the same edit, `output_equivalent`;
 - any other module (a MoE block, for moe_scope=layer_output): projected at its output only; it has no weight.
 
 A site is named once, but its weights may be run by several module objects: DiffusionGemma's encoder and decoder
@@ -19,6 +20,29 @@ from torch import Tensor, nn
 
 
 FORMS = ("linear", "stacked", "output")
+# transformers' experts kernels (eager: the class's own loop; None: standalone module, which falls back to it); each
+# returns Σ_e w_e·(W_e h_e) when the module declares no bias and no post-expert norm (read in transformers 5.24)
+LINEAR_EXPERTS_IMPLEMENTATIONS = (None, "eager", "batched_mm", "grouped_mm", "deepgemm", "sonicmoe")
+
+
+def sums_expert_outputs(module: nn.Module, parameter: str | None) -> bool:
+    """Whether `module`'s output is exactly Σ_e w_e·(W_e h_e) over its stacked `parameter` W [E, d, in], nothing
+    applied or added after W: then `W_e ← (I − λUUᵀ) W_e` for every e equals projecting that output.
+
+    Conservative: only transformers' own fused experts (`@use_experts_implementation` classes, which declare their
+    layout), `parameter` their down projection `[E, hidden_dim, in]` (untransposed: rows in the residual stream),
+    no bias on it, no post-expert norm, run by one of the library's kernels. Anything else (remote code, custom
+    kernels, gpt-oss-style biased experts) is False and keeps the weight edit.
+    """
+    weight = module._parameters.get(parameter) if parameter else None
+    config = getattr(module, "config", None)
+    return (parameter == "down_proj" and weight is not None and weight.ndim == 3
+            and type(module).__module__.startswith("transformers.models.")
+            and getattr(module, "has_bias", True) is False and f"{parameter}_bias" not in module._parameters
+            and getattr(module, "is_transposed", True) is False
+            and getattr(module, "has_post_expert_norm", True) is False
+            and weight.shape[1] == getattr(module, "hidden_dim", None)
+            and getattr(config, "_experts_implementation", "unknown") in LINEAR_EXPERTS_IMPLEMENTATIONS)
 
 
 @dataclass(frozen=True)
@@ -39,8 +63,16 @@ class Site:
 
     @property
     def stacked(self) -> bool:
-        """Stacked expert weights: the edit is applied to the parameter, never to an output."""
+        """Stacked expert weights: the edit is applied to the parameter (or, when `output_equivalent`, equally to
+        the experts module's output), never to a single expert's output."""
         return self.form == "stacked"
+
+    @property
+    def output_equivalent(self) -> bool:
+        """Stacked experts whose weight edit equals projecting their module's output: every expert edited (no mask,
+        or all set), and every module running them sums its experts' outputs linearly (`sums_expert_outputs`)."""
+        return (self.stacked and (self.expert_mask is None or bool(self.expert_mask.all()))
+                and all(sums_expert_outputs(m, self.parameter) for m in self.modules))
 
     @property
     def weight(self) -> nn.Parameter:

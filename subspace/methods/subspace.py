@@ -108,4 +108,6 @@ class Subspace:
         with module.hooks:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ctx.ckpt_path)
         ctx.report["steps"] = trainer.global_step
+        ctx.report["expert_edit_paths"] = {site.name: path for site, path in zip(module.hooks.sites, module.hooks.paths)
+                                           if site.stacked}  # "output": projected at the experts' output (lean)
         return module.to_edit()
