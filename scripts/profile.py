@@ -32,6 +32,7 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="profile")
 def main(cfg: DictConfig) -> dict:
     from subspace.families import family_for
+    from subspace.interventions.projection import ProjectionHooks
     from subspace.models.bundle import resolve_dtype
     from subspace.profiling.architecture import architecture_config, count_parameters, random_model
     from subspace.profiling.estimate import estimate_memory
@@ -46,15 +47,18 @@ def main(cfg: DictConfig) -> dict:
     family = family_for(model, **arch.get("family", {}))
     tokens = cfg.prompt_length + getattr(family, "canvas_length", 0)
     params = count_parameters(model, family.layers)
-    stacked = {s.name for s in family.writer_sites() if s.kind == "expert_out" and s.expert is None}
+    stacked = sorted(s.name for s in family.writer_sites() if s.kind == "expert_out" and s.expert is None)
+    hooks = ProjectionHooks.for_sites(model, stacked)  # which fused experts still need projected weight copies
+    swapped = {site.name for site, path in zip(hooks.sites, hooks.paths) if path == "weight"}
     edited_expert_parameters = sum(p.numel() for name, p in model.named_parameters(remove_duplicate=False)
-                                   if name in stacked)  # the site's name, even where another name comes first
+                                   if name in swapped)  # the site's name, even where another name comes first
     report = {
         "architecture": cfg.architecture.config._target_.rsplit(".", 1)[-1], "layers": text.num_hidden_layers,
         "hidden_size": text.hidden_size, "dtype": cfg.dtype, "device": str(device) if not cfg.meta_only else "meta",
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "batch_size": cfg.batch_size, "tokens_per_sequence": tokens, "rank": cfg.rank,
         "parameters": params,
+        "fused_expert_sites": {"edited_at_output": len(stacked) - len(swapped), "projected_weight_copies": len(swapped)},
         "estimate": estimate_memory(config, params["total"], resolve_dtype(cfg.dtype).itemsize, cfg.batch_size, tokens,
                                     cfg.rank, family.num_layers, cfg.kl_rows, getattr(family, "kl_positions", 1),
                                     edited_expert_parameters, cfg.kl_top_k),

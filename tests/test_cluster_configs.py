@@ -160,18 +160,29 @@ def test_slurm_gpu_writes_the_sbatch_script(tmp_path, submitit_plugin, monkeypat
     assert submitted["executor"]._executor.parameters["array_parallelism"] == 8
 
 
-def test_ddp_on_two_cpu_processes_matches_one_and_only_rank_zero_writes(tmp_path, cache_dir, tiny_organism):
+def test_ddp_on_two_cpu_processes_shards_the_batches_and_only_rank_zero_writes(tmp_path, cache_dir, tiny_organism):
     """`trainer=ddp` with gloo on 2 CPU processes: the run completes, rank 1 stops after fitting (one process
-    evaluates and writes the run directory), and the edit equals a single-process run's (same batches per rank)."""
+    evaluates and writes the run directory), and each rank trains on its own shard of the prompts. With 16 prompts
+    per class, a step of 2 ranks at batch size 8 sees all 32, as one process at batch size 16 does: the edits agree
+    up to float rounding (DDP averages two 8-prompt means, one process takes one 16-prompt mean), and differ from a
+    one-process run at batch size 8 (what every rank trained on before the batches were sharded)."""
     from safetensors.torch import load_file
 
     from tests.test_train import run_train
 
-    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
-    single = run_train(tmp_path / "one", cache_dir)
-    ddp = run_train(tmp_path / "two", cache_dir, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                    "trainer.precision=32-true")
-    assert ddp["refusal_rate_after"] == single["refusal_rate_after"] and ddp["kl"] == single["kl"]
-    one, two = (load_file(str(tmp_path / d / "run" / "edit.safetensors")) for d in ("one", "two"))
-    assert torch.equal(one["bases"], two["bases"])
+    runs = {"b16": ["method.batch_size=16"], "b8": ["method.batch_size=8"],
+            "ddp": ["method.batch_size=8", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                    "trainer.precision=32-true"]}
+    metrics, bases = {}, {}
+    for name, overrides in runs.items():
+        (tmp_path / name).mkdir()
+        metrics[name] = run_train(tmp_path / name, cache_dir, *overrides)
+        bases[name] = load_file(str(tmp_path / name / "run" / "edit.safetensors"))["bases"]
+        assert metrics[name]["data"]["train_harmful"]["n"] == metrics[name]["data"]["train_harmless"]["n"] == 16
+        assert metrics[name]["steps"] == 3
+    ddp, single = metrics["ddp"], metrics["b16"]
+    assert torch.allclose(bases["ddp"], bases["b16"], rtol=0, atol=1e-5), (bases["ddp"] - bases["b16"]).abs().max()
+    assert (bases["ddp"] - bases["b8"]).abs().max() > 100 * (bases["ddp"] - bases["b16"]).abs().max()
+    assert ddp["refusal_rate_after"] == single["refusal_rate_after"]
+    assert ddp["kl"] == pytest.approx(single["kl"], rel=1e-3, abs=1e-6)
     assert ddp["_stdout"].count("refusal (harmful, n=6)") == 1  # the summary is printed by one process

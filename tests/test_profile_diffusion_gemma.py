@@ -69,5 +69,6 @@ def test_profile_script_meta_only(tmp_path):
     assert report["parameters"]["total"] == TOTAL
     estimate = report["estimate"]
     assert estimate["weights_gib"] == pytest.approx(TOTAL * 2 / 1024 ** 3)
-    assert estimate["expert_weight_copies_gib"] == pytest.approx(30 * 128 * 2816 * 704 * 2 / 1024 ** 3)
+    assert estimate["expert_weight_copies_gib"] == 0  # its experts sum linearly: edited at their output, no copies
+    assert report["fused_expert_sites"] == {"edited_at_output": 30, "projected_weight_copies": 0}
     assert "training" not in report

@@ -1,4 +1,5 @@
-"""Paired harmful/harmless batches for the subspace objective, in an order that survives a resume."""
+"""Paired harmful/harmless batches for the subspace objective, in an order that survives a resume and that the
+ranks of a distributed run share out."""
 
 from __future__ import annotations
 
@@ -6,10 +7,30 @@ from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from subspace.families.base import Family
+
+
+class RankShard(Sampler[int]):
+    """One rank's share of each order `order` draws, cut as `DistributedSampler(shuffle=False)` cuts a dataset:
+    the order padded with its first items to a multiple of `world_size`, then every `world_size`-th item from
+    position `rank`. Ranks that draw the same order (the same seeded generator, consumed alike) get disjoint
+    shares of it, the same number of items each, which together cover it (plus the padding, < `world_size` items).
+    """
+
+    def __init__(self, order: Sampler[int], rank: int, world_size: int):
+        self.order = order
+        self.positions = DistributedSampler(range(len(order)), num_replicas=world_size, rank=rank, shuffle=False)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(self.order)
+        return iter([order[i] for i in self.positions])
 
 
 class ResumableShuffle:
@@ -20,14 +41,31 @@ class ResumableShuffle:
     existed. The state is that generator's state when the current pass began plus the batches taken
     from the pass: `resume()` rewinds the generator and skips those batches as index lists (nothing
     is tokenised), which leaves the generator exactly where it was.
+
+    In a distributed run (`world_size` > 1) every rank draws that same permutation each pass, from the same
+    seeded generator, and batches only its `RankShard` of it: rank r takes items r, r+W, r+2W, … (W the world
+    size), the permutation padded with its first items to a multiple of W. So each pass the ranks' batches are
+    disjoint (but for the padding) and together hold every prompt; every rank takes ceil(size/W) prompts in
+    ceil(ceil(size/W)/batch_size) batches, the same count, so they step in lockstep. With `world_size` = 1 this
+    is the single-process order above, batch for batch. The state is the same on every rank (generator and
+    batch count do not depend on the rank): the one rank 0 checkpoints restores each rank to its own position.
+    It records the world size, and a state saved under another world size is refused.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int):
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         if size <= 0 or batch_size <= 0:
             raise ValueError(f"need ≥ 1 prompt and batch_size ≥ 1, got {size} prompts and batch_size={batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 ≤ rank < world_size, got rank={rank} and world_size={world_size}")
+        self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
-        self.indices = DataLoader(range(size), batch_size=batch_size, shuffle=True, generator=self.generator,
-                                  collate_fn=list)
+        if world_size == 1:
+            self.indices = DataLoader(range(size), batch_size=batch_size, shuffle=True, generator=self.generator,
+                                      collate_fn=list)
+        else:  # what shuffle=True builds, with the permutation sharded before batching
+            shard = RankShard(RandomSampler(range(size), generator=self.generator), rank, world_size)
+            self.indices = DataLoader(range(size), batch_size=batch_size, sampler=shard, generator=self.generator,
+                                      collate_fn=list)
         self.pass_start = self.generator.get_state()
         self.taken = 0
 
@@ -53,9 +91,14 @@ class ResumableShuffle:
             yield indices
 
     def state_dict(self) -> dict[str, Any]:
-        return {"pass_start": self.pass_start.clone(), "taken": self.taken}
+        return {"pass_start": self.pass_start.clone(), "taken": self.taken, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = int(state.get("world_size", 1))  # states from before sharding: one process's order
+        if saved != self.world_size:
+            raise ValueError(f"the checkpoint's data position is in the order of a run on {saved} process(es), "
+                             f"this run has {self.world_size}: each process's batches depend on the number of "
+                             "processes, so resume with as many as the checkpointed run had")
         self.pass_start, self.taken = state["pass_start"].clone(), int(state["taken"])
 
 
@@ -69,6 +112,9 @@ class PairedBatches:
     `load_state_dict` continues the saved epoch, or starts the next one if the saved one was complete
     (every stream then starts a new pass, as at any epoch start); every other `iter()` starts a new epoch.
     The work happens at the first `next()`, so Lightning's probing `iter()` calls change nothing.
+
+    In a distributed run each stream is one rank's shard (`ResumableShuffle(rank=…, world_size=…)`): every rank
+    has the same number of steps per epoch and the same state, so rank 0's checkpointed state resumes them all.
     """
 
     def __init__(self, streams: dict[str, ResumableShuffle], make_batch: Callable[[str, list[int]], Any]):
@@ -111,7 +157,15 @@ class PairedBatches:
 
 
 class PairedPromptDataModule(L.LightningDataModule):
-    """Each batch: {"harmful": chat batch, "harmless": chat batch + "index"} (index keys the cached original distributions)."""
+    """Each batch: {"harmful": chat batch, "harmless": chat batch + "index"} (index keys the cached original distributions).
+
+    Under a data-parallel strategy (trainer=ddp, fsdp, deepspeed) each rank trains on its own shard of every pass
+    (`ResumableShuffle`), as a `DistributedSampler` would give it: with W ranks one optimiser step averages the
+    gradients of W distinct batches (an effective batch of W × batch_size), and an epoch, the larger prompt set's
+    n prompts, takes ceil(ceil(n/W)/batch_size) steps instead of ceil(n/batch_size). "index" stays the prompt's
+    index in the whole harmless set, which `harmless_batches()` covers in full on every rank. One process: the
+    order as ever.
+    """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, family: Family, harmful: Sequence[str],
                  harmless: Sequence[str], batch_size: int = 8, system_prompt: str | None = None,
@@ -138,7 +192,19 @@ class PairedPromptDataModule(L.LightningDataModule):
             return self.collate([self.harmful[i] for i in indices])
         return self.collate([self.harmless[i] for i in indices], indices)
 
+    def replica(self) -> tuple[int, int]:
+        """(rank, number of data-parallel ranks) of this process: what the attached trainer's strategy would give a
+        `DistributedSampler` (None, so (0, 1), for a single-device strategy), else `torch.distributed`'s when it is
+        initialised, else (0, 1). The paired stream is not a DataLoader, so Lightning shards nothing itself."""
+        if self.trainer is not None:
+            kwargs = self.trainer.distributed_sampler_kwargs
+            return (int(kwargs["rank"]), int(kwargs["num_replicas"])) if kwargs else (0, 1)
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
     def train_dataloader(self) -> PairedBatches:
-        streams = {"harmful": ResumableShuffle(len(self.harmful), self.batch_size, self.seed),
-                   "harmless": ResumableShuffle(len(self.harmless), self.batch_size, self.seed + 1)}
+        rank, world_size = self.replica()
+        streams = {"harmful": ResumableShuffle(len(self.harmful), self.batch_size, self.seed, rank, world_size),
+                   "harmless": ResumableShuffle(len(self.harmless), self.batch_size, self.seed + 1, rank, world_size)}
         return PairedBatches(streams, self.make_batch)

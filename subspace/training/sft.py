@@ -56,15 +56,24 @@ def response_token_loss(logits: torch.Tensor, labels: torch.Tensor, decision_wei
 
 
 class SupervisedFinetune(L.LightningModule):
-    """Next-token cross-entropy on response tokens; only the model's trainable (adapter) weights move."""
+    """Next-token cross-entropy on response tokens; only the model's trainable weights move.
+
+    `router_aux_weight > 0` (mixture-of-experts models) adds the model's own load-balancing loss over real tokens,
+    weighted so: without it a router trained only by the language-model loss can send every token to the same
+    experts and leave the others dead.
+    """
 
     def __init__(self, model: PreTrainedModel, examples: list[dict[str, torch.Tensor]], pad_id: int,
-                 lr: float = 5e-4, batch_size: int = 8, max_steps: int = 120, decision_weight: float = 1.0):
+                 lr: float = 5e-4, batch_size: int = 8, max_steps: int = 120, decision_weight: float = 1.0,
+                 router_aux_weight: float = 0.0):
         super().__init__()
         if decision_weight < 1.0:
             raise ValueError(f"decision_weight={decision_weight} must be >= 1 (1 is plain cross-entropy)")
+        if router_aux_weight < 0.0:
+            raise ValueError(f"router_aux_weight={router_aux_weight} must be >= 0")
         self.model, self.examples, self.pad_id = model, examples, pad_id
         self.lr, self.batch_size, self.max_steps, self.decision_weight = lr, batch_size, max_steps, decision_weight
+        self.router_aux_weight = router_aux_weight
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(0)
@@ -73,9 +82,13 @@ class SupervisedFinetune(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         labels = batch.pop("labels")
-        logits = self.model(**batch, use_cache=False).logits
-        loss = response_token_loss(logits, labels, self.decision_weight)
+        routed = {"output_router_logits": True} if self.router_aux_weight > 0 else {}
+        out = self.model(**batch, use_cache=False, **routed)
+        loss = response_token_loss(out.logits, labels, self.decision_weight)
         self.log("sft_loss", loss, prog_bar=True)
+        if routed:
+            self.log("router_aux", out.aux_loss, prog_bar=True)
+            loss = loss + self.router_aux_weight * out.aux_loss
         return loss
 
     def configure_optimizers(self):
