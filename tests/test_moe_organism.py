@@ -6,11 +6,14 @@ import math
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, LlamaConfig, MixtralForCausalLM
 
 import subspace.models.moe_organism as moe_organism
 from subspace.analysis.routing import format_routing_table, routing_stats
+from subspace.config import register_resolvers
 from subspace.data.loading import load_prompts
 from subspace.families import CausalFamily, family_for
 from subspace.interventions import ProjectionEdit
@@ -24,8 +27,22 @@ EXPERTS = RECIPE["num_experts"]
 
 
 @pytest.fixture(scope="module")
-def tiny_moe_organism(cache_dir, tiny_organism):
-    return load_moe_organism(name="tiny_moe_organism", cache_dir=str(cache_dir), source=tiny_organism, recipe=RECIPE)
+def tiny_moe_organism(cache_dir):
+    """Built from `model=tiny_moe_organism` exactly as train.py instantiates it, so train.py finds it cached."""
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["model=tiny_moe_organism", f"paths.cache_dir={cache_dir}"])
+    return instantiate(cfg.model)
+
+
+@pytest.fixture(scope="module")
+def tiny_source(tiny_moe_organism, cache_dir):
+    """The causal organism the MoE organism was built from (cached by then: `model=tiny_organism`)."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["model=tiny_organism", f"paths.cache_dir={cache_dir}"])
+    source = instantiate(cfg.model)
+    assert tiny_moe_organism.source["causal_organism"] == source.source["organism"]
+    return source
 
 
 def padded_ids(vocab: int) -> dict[str, torch.Tensor]:
@@ -36,7 +53,7 @@ def padded_ids(vocab: int) -> dict[str, torch.Tensor]:
 
 
 def held_out_prompts(n: int = 24) -> dict[str, list[str]]:
-    return {"harmful": load_prompts("builtin:harmful_heldout")[:n], "harmless": load_prompts("builtin:harmless_heldout")[:n]}
+    return {name: load_prompts(f"builtin:{name}_heldout")[:n] for name in ("harmful", "harmless")}
 
 
 def min_expert_share(rows: list[dict]) -> float:
@@ -47,8 +64,8 @@ def min_expert_share(rows: list[dict]) -> float:
 # --- (a) conversion ------------------------------------------------------------------------------------------
 
 
-def test_upcycled_copies_reproduce_the_dense_logits_and_survive_a_round_trip(tiny_organism, tmp_path):
-    dense = tiny_organism.model
+def test_upcycled_copies_reproduce_the_dense_logits_and_survive_a_round_trip(tiny_source, tmp_path):
+    dense = tiny_source.model
     batch = padded_ids(dense.config.vocab_size)
     expected = dense(**batch).logits
     moe = upcycle_llama(dense, num_experts=4, top_k=2, noise=0.0, router_std=0.02, seed=3)
@@ -72,7 +89,7 @@ def test_llama_variants_mixtral_cannot_hold_are_refused():
 # --- (b) cache ---------------------------------------------------------------------------------------------
 
 
-def test_second_load_hits_the_cache_and_the_key_follows_the_recipe(tiny_moe_organism, tiny_organism, cache_dir,
+def test_second_load_hits_the_cache_and_the_key_follows_the_recipe(tiny_moe_organism, tiny_source, cache_dir,
                                                                     monkeypatch):
     class Rebuilt(Exception):
         pass
@@ -81,21 +98,22 @@ def test_second_load_hits_the_cache_and_the_key_follows_the_recipe(tiny_moe_orga
         raise Rebuilt
 
     monkeypatch.setattr(moe_organism, "build_moe_organism", refuse)
-    again = load_moe_organism(name="tiny_moe_organism", cache_dir=str(cache_dir), source=tiny_organism, recipe=RECIPE)
+    again = load_moe_organism(name="tiny_moe_organism", cache_dir=str(cache_dir), source=tiny_source, recipe=RECIPE)
     assert again.source == tiny_moe_organism.source  # no rebuild: the same folder and key
     with pytest.raises(Rebuilt):  # one changed setting: a different key, so a build is attempted
-        load_moe_organism(name="tiny_moe_organism", cache_dir=str(cache_dir), source=tiny_organism,
+        load_moe_organism(name="tiny_moe_organism", cache_dir=str(cache_dir), source=tiny_source,
                           recipe={**RECIPE, "aux_loss_coef": 0.02})
-    built = sorted(p.name for p in (cache_dir / "organisms").glob("tiny_moe_organism-*") if (p / "organism.json").exists())
+    built = sorted(p.name for p in (cache_dir / "organisms").glob("tiny_moe_organism-*")
+                   if (p / "organism.json").exists())
     assert built == [f"tiny_moe_organism-{tiny_moe_organism.source['organism_key']}"]  # the failed build left nothing
 
 
 # --- (c) experts differ, router not collapsed ----------------------------------------------------------------
 
 
-def test_experts_differ_from_each_other_and_from_their_initial_copies(tiny_moe_organism, tiny_organism):
+def test_experts_differ_from_each_other_and_from_their_initial_copies(tiny_moe_organism, tiny_source):
     model = tiny_moe_organism.model
-    start = upcycled_organism(tiny_organism, as_recipe(RECIPE, MoERecipe))
+    start = upcycled_organism(tiny_source, as_recipe(RECIPE, MoERecipe))
     for layer, initial in zip(model.model.layers, start.model.layers):
         experts = layer.mlp.experts
         for name in ("gate_up_proj", "down_proj"):
@@ -160,3 +178,14 @@ def test_train_py_on_the_tiny_moe_organism_reports_the_same_keys(tmp_path, cache
     assert metrics["model_source"]["organism_key"] == tiny_moe_organism.source["organism_key"]  # the cached build
     sites = ProjectionEdit.load(tmp_path / "run" / "edit.safetensors").sites
     assert any(s.endswith("mlp.experts.down_proj") for s in sites)
+
+
+def test_the_full_size_config_composes_into_a_valid_recipe():
+    """`model=moe_organism` (never built in tests): its recipe is a MoERecipe and its source the causal organism."""
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["model=moe_organism"])
+    recipe = as_recipe(cfg.model.recipe, MoERecipe)
+    assert (recipe.num_experts, recipe.top_k, recipe.answer_max_new_tokens) == (4, 2, 32)
+    assert cfg.model._target_ == "subspace.models.moe_organism.load_moe_organism"
+    assert cfg.model.source._target_ == "subspace.models.organism.load_causal_organism"

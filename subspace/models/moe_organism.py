@@ -57,9 +57,9 @@ def load_moe_organism(name: str = "moe_organism", cache_dir: str = "~/.cache/sub
     key = organism_key({"causal_organism": causal.source["organism_key"]}, recipe, prompts, MOE_RECIPE_VERSION)
     folder = build_once(cache_dir, name, key, lambda tmp: build_moe_organism(causal, recipe, prompts, tmp, cache_dir))
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype)).to(device).eval().requires_grad_(False)
-    return ModelBundle(model, tokenizer, name, {"organism": str(folder), "organism_key": key,
-                                                "causal_organism": causal.source["organism"]})
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype)).to(device)
+    return ModelBundle(model.eval().requires_grad_(False), tokenizer, name,
+                       {"organism": str(folder), "organism_key": key, "causal_organism": causal.source["organism"]})
 
 
 def upcycled_organism(causal: ModelBundle, recipe: MoERecipe) -> MixtralForCausalLM:
