@@ -6,18 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from subspace.families import CausalFamily
 from subspace.models.organism import load_causal_organism
 from subspace.models.tiny import tiny_random_causal
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_ORGANISM = dict(
-    name="tiny_organism", base="tiny_random", base_kwargs={"hidden_size": 64, "num_layers": 4, "seed": 0},
-    recipe={"answer_max_new_tokens": 8, "lora_r": 16, "lora_alpha": 32,
-            "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-            "lr": 3e-3, "batch_size": 16, "max_steps": 120, "seed": 0},
-)
+# conf/model/tiny_organism.yaml itself, so the fixture builds the very organism (same cache key) that train.py loads
+TINY_ORGANISM = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/tiny_organism.yaml")).items()
+                 if k not in ("_target_", "cache_dir")}
 
 
 @pytest.fixture(autouse=True)
