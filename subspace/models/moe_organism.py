@@ -21,8 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralForCausalLM
 
 from subspace.families.causal import CausalFamily
 from subspace.models.bundle import ModelBundle, resolve_dtype
-from subspace.models.organism import (PairsRecipe, as_recipe, build_once, load_causal_organism, organism_key,
-                                      own_answers)
+from subspace.models.organism import PairsRecipe, as_recipe, derived_organism, own_answers
 from subspace.models.upcycle import upcycle_llama
 from subspace.training.sft import SupervisedFinetune, tokenize_pairs
 
@@ -52,10 +51,7 @@ def load_moe_organism(name: str = "moe_organism", cache_dir: str = "~/.cache/sub
                       dtype: str = "float32", device: str = "cpu") -> ModelBundle:
     """Load the cached MoE organism, building it from `source` (the causal organism, built if needed) if needed."""
     recipe = as_recipe(recipe, MoERecipe)
-    causal = source if source is not None else load_causal_organism(cache_dir=cache_dir)
-    prompts = recipe.prompts()
-    key = organism_key({"causal_organism": causal.source["organism_key"]}, recipe, prompts, MOE_RECIPE_VERSION)
-    folder = build_once(cache_dir, name, key, lambda tmp: build_moe_organism(causal, recipe, prompts, tmp, cache_dir))
+    folder, key, causal = derived_organism(name, cache_dir, source, recipe, MOE_RECIPE_VERSION, build_moe_organism)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype)).to(device)
     return ModelBundle(model.eval().requires_grad_(False), tokenizer, name,

@@ -168,6 +168,18 @@ def load_causal_organism(name: str = "smollm2_organism", cache_dir: str = "~/.ca
     return ModelBundle(model, tokenizer, name, {"organism": str(folder), "organism_key": key, "base": fingerprint})
 
 
+def derived_organism(name: str, cache_dir: str, source: ModelBundle | None, recipe: PairsRecipe, version: int,
+                     build: Callable[[ModelBundle, PairsRecipe, Mapping[str, list[str]], Path, str], dict]
+                     ) -> tuple[Path, str, ModelBundle]:
+    """(folder, key, causal organism) of an organism derived from the causal one (LLaDA, MoE): keyed by the causal
+    organism's key, the recipe and its prompts, and built once by `build(causal, recipe, prompts, tmp, cache_dir)`."""
+    causal = source if source is not None else load_causal_organism(cache_dir=cache_dir)
+    prompts = recipe.prompts()
+    key = organism_key({"causal_organism": causal.source["organism_key"]}, recipe, prompts, version)
+    folder = build_once(cache_dir, name, key, lambda tmp: build(causal, recipe, prompts, tmp, cache_dir))
+    return folder, key, causal
+
+
 def own_answers(model: ModelBundle, fingerprint: dict, prompts: list[str], max_new_tokens: int, batch_size: int,
                 cache_dir: str | None = None, desc: str = "answers") -> list[str]:
     """A causal model's greedy answers, cached by (model fingerprint, prompts, settings) under `cache_dir/answers`.

@@ -22,8 +22,7 @@ from subspace.families.llada import LLaDAFamily
 from subspace.models.bundle import ModelBundle, resolve_dtype
 from subspace.models.llada.loading import llada_from_llama
 from subspace.models.llada.modeling import LLaDAModelLM
-from subspace.models.organism import (PairsRecipe, as_recipe, build_once, load_causal_organism, organism_key,
-                                      own_answers)
+from subspace.models.organism import PairsRecipe, as_recipe, derived_organism, own_answers
 from subspace.training.diffusion_sft import MaskedDiffusionFinetune, canvas_examples
 
 log = logging.getLogger(__name__)
@@ -45,10 +44,8 @@ def load_llada_organism(name: str = "llada_organism", cache_dir: str = "~/.cache
                         dtype: str = "float32", device: str = "cpu", family: Mapping[str, Any] | None = None) -> ModelBundle:
     """Load the cached LLaDA organism, building it from `source` (the causal organism, built if needed) if needed."""
     recipe = as_recipe(recipe, DiffusionRecipe)
-    causal = source if source is not None else load_causal_organism(cache_dir=cache_dir)
-    prompts = recipe.prompts()
-    key = organism_key({"causal_organism": causal.source["organism_key"]}, recipe, prompts, DIFFUSION_RECIPE_VERSION)
-    folder = build_once(cache_dir, name, key, lambda tmp: build_llada_organism(causal, recipe, prompts, tmp, cache_dir))
+    folder, key, causal = derived_organism(name, cache_dir, source, recipe, DIFFUSION_RECIPE_VERSION,
+                                           build_llada_organism)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = LLaDAModelLM.from_pretrained(folder, dtype=resolve_dtype(dtype)).to(device).eval().requires_grad_(False)
     return ModelBundle(model, tokenizer, name, {"organism": str(folder), "organism_key": key,
