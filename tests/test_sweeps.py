@@ -158,3 +158,29 @@ def test_joblib_launcher_runs_two_jobs_in_parallel(tmp_path, cache_dir, tiny_org
                      "hydra.launcher.n_jobs=2")
     ranks = sorted(json.loads((sweep / str(i) / "metrics.json").read_text())["rank"] for i in (0, 1))
     assert ranks == [1, 2] and (sweep / "pareto.csv").exists()
+
+
+@needs_plugins
+def test_seed_study_continues_a_finished_sweep_from_its_trials(tmp_path):
+    import optuna
+
+    from subspace.sweeps.seed import seed_study
+
+    sweep = tmp_path / "sweep"
+    space = {"method.rank": "choice(1, 2, 4)", "objective.kl_weight": "tag(log, interval(0.3, 10.0))"}
+    for i, (rank, weight, values) in enumerate([(1, 0.5, (0.1, 0.2)), (4, 3.0, (0.0, 0.4)), (2, 1.0, None)]):
+        fake_trial(sweep, str(i), [f"method.rank={rank}", f"objective.kl_weight={weight}", "debug=fast"], values)
+        OmegaConf.save(OmegaConf.create({"hydra": {"sweeper": {"params": space, "study_name": "subspace",
+                                                               "direction": ["minimize", "minimize"]}}}),
+                       sweep / str(i) / ".hydra" / "hydra.yaml")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    assert seed_study(sweep, storage, OBJECTIVES) == 2  # trial 2 has no metrics.json
+    study = optuna.load_study(study_name="subspace", storage=storage)
+    assert [(t.params, t.values) for t in study.trials] == [
+        ({"method.rank": 1, "objective.kl_weight": 0.5}, [0.1, 0.2]),
+        ({"method.rank": 4, "objective.kl_weight": 3.0}, [0.0, 0.4])]
+    with pytest.raises(ValueError, match="already holds 2 trials"):
+        seed_study(sweep, storage, OBJECTIVES)
+    study.sampler = optuna.samplers.TPESampler(seed=0, n_startup_trials=1)
+    asked = study.ask(study.trials[0].distributions)  # the sweeper's next trial: same distributions, so TPE models them
+    assert asked.params["method.rank"] in (1, 2, 4) and 0.3 <= asked.params["objective.kl_weight"] <= 10
