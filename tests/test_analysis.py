@@ -167,6 +167,14 @@ def test_report_writes_table_and_nonempty_pngs(planted, tmp_path):
     assert saved["meta"]["reference_layer"] == PLANTED and len(saved["layers"]) == LAYERS
     with pytest.raises(ValueError, match="no column starting with"):
         read_training_curves(paths["table_csv"])
+    from subspace.analysis.compare import main as compare, read_table
+    read = read_table(tmp_path / "out")
+    assert read.keys() == table.keys() and read["layer"] == list(range(LAYERS))
+    assert read["cosine_before"] == pytest.approx(table["cosine_before"])
+    compare([f"a={tmp_path / 'out'}", f"b={tmp_path / 'out'}", "--out", str(tmp_path / "side_by_side.png")])
+    assert (tmp_path / "side_by_side.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(FileNotFoundError, match="pass the run directory of `python scripts/analyze.py`"):
+        read_table(tmp_path)
 
 
 def test_train_with_the_geometry_callback_then_analyze_its_edit(tmp_path, cache_dir, tiny_organism):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -120,4 +120,30 @@ def plot_training_curves(curves: Curves, path: str | Path, title: str = "") -> P
     for ax in axes[len(curves):]:
         ax.set_axis_off()
     fig.suptitle(title or "training")
+    return _save(fig, path)
+
+
+def plot_comparison(tables: Mapping[str, Table], path: str | Path, title: str = "") -> Path:
+    """Models side by side on one axis per statistic (cosine of class means, probe accuracy, share of r_l held by
+    the edit's subspace), before solid and after dashed, against relative depth so that depths compare."""
+    panels = (("cosine", "cosine of class means"), ("probe_accuracy", "held-out probe accuracy"),
+              ("subspace_share", "share of r_l in the edit subspace"))
+    fig = Figure(figsize=(8, 9), layout="constrained")
+    axes = fig.subplots(len(panels), 1, sharex=True)
+    colours = iter(("tab:blue", "tab:red", "tab:green", "tab:purple", "tab:brown"))
+    for name, table in tables.items():
+        colour = next(colours)
+        depth = [layer / max(1, len(table["layer"]) - 1) for layer in table["layer"]]
+        for ax, (key, label) in zip(axes, panels):
+            for when, style in (("before", "-"), ("after", "--")):
+                if f"{key}_{when}" in table:
+                    ax.plot(depth, _nan(table[f"{key}_{when}"]), ls=style, marker="o", ms=2, color=colour,
+                            label=f"{name}, {when}")
+            ax.set_ylabel(label)
+    axes[-1].set_xlabel("relative depth (layer / last layer)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(title or "separation per layer, side by side")
     return _save(fig, path)
