@@ -2,8 +2,7 @@
 
     python scripts/benchmark.py                          # the causal organism, eval on harmful_val / harmless_val
     python scripts/benchmark.py split=holdout            # once, with the chosen settings: ../shared/data/holdout
-    python scripts/benchmark.py model=llada_organism "train_overrides=['eval.max_new_tokens=32']" \
-        "row_overrides.diff_means=['method.scan_layers=[14,16,18,20,22,24,26,28]']"
+    python scripts/benchmark.py model=llada_organism "row_overrides.diff_means=['method.scan_layers=[14,16,18,20,22,24,26,28]']"
 
 Each method row is `train.py` run as its own process (the command in the table); heretic runs in its own venv
 (`subspace.baselines.heretic`). Every number comes from this project's evaluator. Writes benchmark.md and

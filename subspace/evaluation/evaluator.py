@@ -35,13 +35,15 @@ class Evaluator:
     bundle: ModelBundle
     family: Family
     judge: RefusalJudge = MarkerJudge()
-    max_new_tokens: int = 48
+    max_new_tokens: int | None = None  # None: the family's default (48 tokens; a masked-diffusion model's canvas)
     batch_size: int = 16
     system_prompt: str | None = None
     progress: bool = True
     apply: str = "hooks"
 
     def __post_init__(self) -> None:
+        if self.max_new_tokens is None:
+            self.max_new_tokens = self.family.default_max_new_tokens
         if self.apply not in APPLY_MODES:
             raise ValueError(f"eval.apply={self.apply!r} must be one of {APPLY_MODES}")
         if self.apply == "hooks" and self.family.requires_weight_form:

@@ -58,6 +58,7 @@ class Family:
     kl_at = "first response token"  # where `response_logprobs` reads: said next to every KL this family reports
     response_positions = 1  # how many response positions `response_logprobs` returns
     requires_weight_form = False  # True: evaluate edits merged into the weights (tied halves a hook cannot reach)
+    default_max_new_tokens = 48  # eval.max_new_tokens=null: how much of a response the judge reads
     LAYER_PATHS: tuple[str, ...] = ()
     ATTENTION_WRITERS: tuple[str, ...] = ()
     MLP_WRITERS: tuple[str, ...] = ()

@@ -32,6 +32,7 @@ class LLaDAFamily(Family):
         self.mask_id: int = model.config.mask_token_id
         self.canvas_length, self.kl_positions = canvas_length, kl_positions
         self.response_positions = kl_positions
+        self.default_max_new_tokens = canvas_length  # the canvas the objective (and an organism's training) uses
         self.sampler = (sampler if isinstance(sampler, MaskedDiffusionSampler)
                         else MaskedDiffusionSampler(**(sampler or {})))
         # Where the first canvas token is predicted: the last prompt token when logits are shifted, else itself.
