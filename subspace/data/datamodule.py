@@ -59,7 +59,7 @@ class ResumableShuffle:
             raise ValueError(f"need 0 ≤ rank < world_size, got rank={rank} and world_size={world_size}")
         self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
-        if world_size == 1:
+        if world_size == 1:  # kept apart: a RankShard of one rank draws a different order from the 2nd pass on
             self.indices = DataLoader(range(size), batch_size=batch_size, shuffle=True, generator=self.generator,
                                       collate_fn=list)
         else:  # what shuffle=True builds, with the permutation sharded before batching

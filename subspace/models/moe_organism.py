@@ -61,7 +61,7 @@ def load_moe_organism(name: str = "moe_organism", cache_dir: str = "~/.cache/sub
 def upcycled_organism(causal: ModelBundle, recipe: MoERecipe) -> MixtralForCausalLM:
     """The causal organism as an untrained Mixtral (noisy expert copies, random routers), in float32."""
     return upcycle_llama(causal.model, recipe.num_experts, recipe.top_k, recipe.noise, recipe.router_std,
-                         seed=recipe.seed)
+                         recipe.aux_loss_coef, seed=recipe.seed)  # the saved config records the weight trained with
 
 
 def build_moe_organism(causal: ModelBundle, recipe: MoERecipe, prompts: Mapping[str, list[str]], folder: Path,

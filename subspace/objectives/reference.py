@@ -38,7 +38,6 @@ class ReferenceDistributions:
     def of(cls, logprobs: Tensor, top_k: int | None = None) -> ReferenceDistributions:
         """One batch's log-probs [..., vocab], kept whole or cut to the top `top_k`. A `top_k` ≥ vocab drops
         nothing, so it keeps them whole: smaller than K = vocab with ids, and the KL exactly the default's."""
-        check_top_k(top_k)
         if top_k is None or top_k >= logprobs.shape[-1]:
             return cls(logprobs)
         top, ids = logprobs.topk(top_k, dim=-1)
@@ -48,6 +47,7 @@ class ReferenceDistributions:
     def build(cls, batches: Iterable[Tensor], top_k: int | None = None) -> ReferenceDistributions:
         """Concatenate per-batch log-probs, each cut as it arrives (pass a generator), so that the full-vocabulary
         rows of every prompt are never held at once."""
+        check_top_k(top_k)
         parts = [cls.of(logprobs, top_k) for logprobs in batches]
         if not parts:
             raise ValueError("no harmless batches: the KL term has no original distributions to compare against")
