@@ -16,6 +16,9 @@ CHATML = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIALS = ["<pad>", "<|im_start|>", "<|im_end|>"]
+# A ~17k-parameter Gemma-4 vision tower: DiffusionGemma always builds one, and the default alone is ~167M parameters.
+TINY_VISION_CONFIG = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=2, head_dim=8, position_embedding_size=64)
 
 
 @lru_cache(maxsize=4)
@@ -75,9 +78,8 @@ def tiny_diffusion_gemma(hidden_size: int = 64, num_layers: int = 2, num_experts
                                     moe_intermediate_size=hidden_size // 2, sliding_window=256, layer_types=layer_types,
                                     max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
                                     eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
-    vision = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                  num_attention_heads=2, num_key_value_heads=2, head_dim=8, position_embedding_size=64)
-    config = DiffusionGemmaConfig(text_config=text.to_dict(), vision_config=vision, canvas_length=canvas_length)
+    config = DiffusionGemmaConfig(text_config=text.to_dict(), vision_config=dict(TINY_VISION_CONFIG),
+                                  canvas_length=canvas_length)
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(config).eval().requires_grad_(False)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -20,18 +20,18 @@ SHARED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
                  "rope_parameters", "attention_dropout")
 
 
-def _check_convertible(config) -> None:
-    """Refuse Llama variants whose weights Mixtral has no place for (it would silently drop them)."""
+def check_convertible(config) -> None:
+    """Refuse Llama variants whose weights the converted model has no place for (they would be silently dropped)."""
     problems = [f"{name}={getattr(config, name)!r}" for name, ok in (
         ("attention_bias", False), ("mlp_bias", False), ("pretraining_tp", 1)) if getattr(config, name, ok) != ok]
     if getattr(config, "model_type", None) != "llama" or problems:
-        raise ValueError(f"only a plain Llama (no attention or MLP biases, pretraining_tp=1) can be upcycled into "
-                         f"Mixtral; got model_type={getattr(config, 'model_type', None)!r} {' '.join(problems)}")
+        raise ValueError(f"only a plain Llama (no attention or MLP biases, pretraining_tp=1) can be converted "
+                         f"(into Mixtral or DiffusionGemma); got model_type={getattr(config, 'model_type', None)!r} {' '.join(problems)}")
 
 
 def mixtral_config(dense, num_experts: int, top_k: int, aux_loss_coef: float = 0.001) -> MixtralConfig:
     """The Mixtral config of the upcycled model: the dense shapes, each expert as wide as the dense MLP."""
-    _check_convertible(dense)
+    check_convertible(dense)
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k={top_k} must be between 1 and num_experts={num_experts}")
     fields = {name: getattr(dense, name) for name in SHARED_FIELDS}
@@ -52,8 +52,8 @@ def upcycle_llama(dense: LlamaForCausalLM, num_experts: int = 4, top_k: int = 2,
     for i, layer in enumerate(dense.model.layers):
         mlp, prefix = layer.mlp, f"model.layers.{i}.mlp"
         gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach().float()  # Mixtral: gate, then up
-        state[f"{prefix}.experts.gate_up_proj"] = _copies(gate_up, num_experts, noise, generator)
-        state[f"{prefix}.experts.down_proj"] = _copies(mlp.down_proj.weight.detach().float(), num_experts, noise,
+        state[f"{prefix}.experts.gate_up_proj"] = expert_copies(gate_up, num_experts, noise, generator)
+        state[f"{prefix}.experts.down_proj"] = expert_copies(mlp.down_proj.weight.detach().float(), num_experts, noise,
                                                        generator)
         state[f"{prefix}.gate.weight"] = router_std * torch.randn(num_experts, config.hidden_size, generator=generator)
     moe.load_state_dict(state, strict=True)
@@ -61,7 +61,7 @@ def upcycle_llama(dense: LlamaForCausalLM, num_experts: int = 4, top_k: int = 2,
     return moe.eval()
 
 
-def _copies(weight: torch.Tensor, n: int, noise: float, generator: torch.Generator) -> torch.Tensor:
+def expert_copies(weight: torch.Tensor, n: int, noise: float, generator: torch.Generator) -> torch.Tensor:
     """`[n, *weight.shape]`: n copies of a float32 weight, each with its own noise."""
     copies = weight.unsqueeze(0).repeat(n, *[1] * weight.ndim)
     if noise > 0:
