@@ -9,7 +9,7 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from subspace.config import register_resolvers
 from tests.conftest import ROOT
@@ -81,6 +81,35 @@ def test_configs_compose(overrides):
     for group in ("model", "method", "data", "objective", "trainer", "logger", "callbacks", "paths"):
         assert group in cfg
     assert cfg.model._target_.startswith("subspace.")
+
+
+def _compose(*overrides: str):
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def tuned_settings(path):
+    """A conf/tuned file's settings, with those of the files its defaults list names."""
+    cfg = OmegaConf.load(path)
+    base = [tuned_settings(path.parent / f"{name}.yaml") for name in cfg.pop("defaults", [])]
+    return OmegaConf.merge(*base, cfg)
+
+
+@pytest.mark.parametrize("tuned", sorted((ROOT / "conf" / "tuned").glob("*.yaml")), ids=lambda p: p.stem)
+def test_tuned_settings_follow_the_model_and_lose_to_the_command_line(tuned):
+    model, method = tuned.stem.rsplit("_", 1)
+    settings = OmegaConf.to_container(tuned_settings(tuned))
+    cfg = _compose(f"model={model}", f"method={method}")
+    plain = _compose(f"method={method}")  # the default model: none of this pair's settings
+    changed = 0
+    for group, values in settings.items():
+        for key, value in values.items():
+            assert cfg[group][key] == value, f"{tuned.name}: {group}.{key}"
+            changed += plain[group][key] != value
+    assert changed > 0, f"{tuned.name} sets nothing the defaults do not already set"
+    group, key = next((g, k) for g, values in settings.items() for k in values)
+    assert _compose(f"model={model}", f"method={method}", f"{group}.{key}=7")[group][key] == 7
 
 
 def test_multirun_sweeps_rank(tmp_path, cache_dir, tiny_organism):
