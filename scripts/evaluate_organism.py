@@ -3,7 +3,8 @@
     python scripts/evaluate_organism.py                    # the causal organism
     python scripts/evaluate_organism.py model=tiny_organism
 
-Writes organism_quality.json (rates, counts, sources) and the responses into the run directory.
+Writes organism_quality.json (rates, counts, sources) and the responses into the run directory; for a mixture of
+experts also routing.json / routing.txt (per set and layer: router entropy, each expert's share; `analysis/routing.py`).
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ def main(cfg: DictConfig) -> dict:
     family = family_for(bundle.model, cfg.long_prompts, **bundle.family_options)
     evaluator = Evaluator(bundle, family, instantiate(cfg.eval.judge), cfg.eval.max_new_tokens,
                           cfg.eval.batch_size, cfg.system_prompt)
-    report, rows = {"model": bundle.name, "model_source": bundle.source}, []
+    report, rows, sets = {"model": bundle.name, "model_source": bundle.source}, [], {}
     for name, spec in cfg.sets.items():
-        prompts = load_prompts(spec.source, limit=spec.limit, name=name)
+        prompts = sets[name] = load_prompts(spec.source, limit=spec.limit, name=name)
         rate, texts, flags = evaluator.refusals(prompts, desc=name)
         report[name] = {"refusal_rate": rate, "n": len(prompts), "source": str(spec.source)}
         rows += [{"set": name, "prompt": p, "response": t, "refused": f} for p, t, f in zip(prompts, texts, flags)]
@@ -43,6 +44,13 @@ def main(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
     write_json(out / "organism_quality.json", report)
     write_jsonl(out / "organism_responses.jsonl", rows)
+    if family.moe_blocks:
+        from subspace.analysis.routing import format_routing_table, routing_stats
+
+        routing = routing_stats(bundle.model, bundle.tokenizer, sets, cfg.eval.batch_size, family)
+        write_json(out / "routing.json", routing)
+        (out / "routing.txt").write_text(format_routing_table(routing) + "\n")
+        print(f"routing (router entropy, expert shares per layer): {out / 'routing.txt'}")
     return report
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -178,6 +181,20 @@ def test_train_py_on_the_tiny_moe_organism_reports_the_same_keys(tmp_path, cache
     assert metrics["model_source"]["organism_key"] == tiny_moe_organism.source["organism_key"]  # the cached build
     sites = ProjectionEdit.load(tmp_path / "run" / "edit.safetensors").sites
     assert any(s.endswith("mlp.experts.down_proj") for s in sites)
+
+
+def test_evaluate_organism_writes_the_routing_of_a_mixture_of_experts(tmp_path, cache_dir, tiny_moe_organism):
+    limits = [f"sets.{name}.limit=3" for name in ("harmful_val", "harmless_val", "lookalike_heldout")]
+    cmd = [sys.executable, str(ROOT / "scripts" / "evaluate_organism.py"), "model=tiny_moe_organism",
+           f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path}", "eval.max_new_tokens=4", *limits]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "routing.json").read_text())
+    layers = tiny_moe_organism.model.config.num_hidden_layers
+    assert len(rows) == 3 * 2 * layers  # sets x positions x MoE layers
+    assert all(abs(sum(r["share"]) - 1) < 1e-6 and r["n_tokens"] > 0 for r in rows)
+    assert {r["set"] for r in rows} == {"harmful_val", "harmless_val", "lookalike_heldout"}
+    assert "entropy" in (tmp_path / "routing.txt").read_text()
 
 
 def test_the_full_size_config_composes_into_a_valid_recipe():
