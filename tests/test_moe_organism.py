@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -184,11 +182,9 @@ def test_train_py_on_the_tiny_moe_organism_reports_the_same_keys(tmp_path, cache
 
 
 def test_evaluate_organism_writes_the_routing_of_a_mixture_of_experts(tmp_path, cache_dir, tiny_moe_organism):
-    limits = [f"sets.{name}.limit=3" for name in ("harmful_val", "harmless_val", "lookalike_heldout")]
-    cmd = [sys.executable, str(ROOT / "scripts" / "evaluate_organism.py"), "model=tiny_moe_organism",
-           f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path}", "eval.max_new_tokens=4", *limits]
-    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    from tests.test_organism import run_evaluate_organism
+
+    run_evaluate_organism(tmp_path, cache_dir, "tiny_moe_organism")
     rows = json.loads((tmp_path / "routing.json").read_text())
     layers = tiny_moe_organism.model.config.num_hidden_layers
     assert len(rows) == 3 * 2 * layers  # sets x positions x MoE layers

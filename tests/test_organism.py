@@ -48,14 +48,19 @@ def test_a_failed_build_leaves_nothing_that_looks_finished(tmp_path):
     assert build_once(str(tmp_path), "org", "k", lambda folder: {"ok": True}).joinpath("organism.json").exists()
 
 
-def test_evaluate_organism_script_reports_every_set(tmp_path, cache_dir, tiny_organism):
-    """scripts/evaluate_organism.py as a user runs it (also guards its imports against scripts/profile.py
-    shadowing the standard library's `profile`)."""
+def run_evaluate_organism(tmp_path, cache_dir, model: str) -> None:
+    """scripts/evaluate_organism.py on 3 prompts of each set, as a user runs it, writing into tmp_path."""
     limits = [f"sets.{name}.limit=3" for name in ("harmful_val", "harmless_val", "lookalike_heldout")]
-    cmd = [sys.executable, str(ROOT / "scripts" / "evaluate_organism.py"), "model=tiny_organism",
+    cmd = [sys.executable, str(ROOT / "scripts" / "evaluate_organism.py"), f"model={model}",
            f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path}", "eval.max_new_tokens=4", *limits]
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_evaluate_organism_script_reports_every_set(tmp_path, cache_dir, tiny_organism):
+    """scripts/evaluate_organism.py as a user runs it (also guards its imports against scripts/profile.py
+    shadowing the standard library's `profile`)."""
+    run_evaluate_organism(tmp_path, cache_dir, "tiny_organism")
     report = json.loads((tmp_path / "organism_quality.json").read_text())
     for name in ("harmful_val", "harmless_val", "lookalike_heldout"):
         assert report[name]["n"] == 3 and 0 <= report[name]["refusal_rate"] <= 1
