@@ -4,7 +4,8 @@
     python scripts/evaluate_organism.py model=tiny_organism
 
 Writes organism_quality.json (rates, counts, sources) and the responses into the run directory; for a mixture of
-experts also routing.json / routing.txt (per set and layer: router entropy, each expert's share; `analysis/routing.py`).
+experts with router logits (Mixtral-style) also routing.json / routing.txt (per set and layer: router entropy, each
+expert's share; `analysis/routing.py`).
 """
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ def main(cfg: DictConfig) -> dict:
     out = Path(cfg.paths.output_dir)
     write_json(out / "organism_quality.json", report)
     write_jsonl(out / "organism_responses.jsonl", rows)
-    if family.moe_blocks:
-        from subspace.analysis.routing import format_routing_table, routing_stats
+    from subspace.analysis.routing import format_routing_table, has_router_logits, routing_stats
 
+    if has_router_logits(family):
         routing = routing_stats(bundle.model, bundle.tokenizer, sets, cfg.eval.batch_size, family)
         write_json(out / "routing.json", routing)
         (out / "routing.txt").write_text(format_routing_table(routing) + "\n")

@@ -103,8 +103,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if cfg.export_merged:
             save_merged_model(edit, bundle.model, bundle.tokenizer, run_dir / "merged")
     else:
-        log.warning("this edit projects a block's output (moe_scope=layer_output): it has no weight form, so no "
-                    "adapter or merged model is exported; edit.safetensors applies it as hooks")
+        log.warning("this edit projects module outputs (moe_scope=layer_output, or edit_at=residual): it has no "
+                    "weight form, so no adapter or merged model is exported; edit.safetensors applies it as hooks")
 
     warnings = []
     if results["refusal_rate_before"] == 0:

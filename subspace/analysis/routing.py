@@ -30,6 +30,12 @@ def _router_probs(model: PreTrainedModel, batch: dict[str, Tensor]) -> list[Tens
     return [torch.softmax(logits.float(), -1).reshape(*shape, -1) for logits in out.router_logits]
 
 
+def has_router_logits(family: Family) -> bool:
+    """Whether `routing_stats` can read this model: a MoE whose forward returns router logits (`output_router_logits`,
+    `num_experts_per_tok`: the Mixtral-style causal models). DiffusionGemma's experts return none."""
+    return bool(family.moe_blocks) and hasattr(family.model.config.get_text_config(), "num_experts_per_tok")
+
+
 @torch.no_grad()
 def routing_stats(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Mapping[str, Sequence[str]],
                   batch_size: int = 16, family: Family | None = None) -> list[dict]:

@@ -57,8 +57,8 @@ class Evaluator:
             return nullcontext()
         model = self.bundle.model
         if self.apply == "merged" and self.family.requires_weight_form and not edit.has_weight_form(model):
-            log.info("this edit has no weight form (a block-output site, moe_scope=layer_output): evaluated with "
-                     "hooks, on every module running the site's weights")
+            log.info("this edit has no weight form (module-output sites: moe_scope=layer_output, or edit_at=residual): "
+                     "evaluated with hooks, on every module running the site's weights")
             return edit.applied(model)
         return edit.merged(model) if self.apply == "merged" else edit.applied(model)
 

@@ -132,6 +132,13 @@ class Family:
             sites.append(WriterSite(f"{prefix}.{block.shared}", i, "shared_expert_out"))
         return sites
 
+    def residual_entry(self, site: WriterSite) -> str:
+        """The module whose output is what `site`'s sub-layer adds to the residual stream. Pre-norm blocks add a
+        writer's output as it is; a MoE layer's experts reach it through the block's combined output."""
+        if site.kind in ("attn_out", "mlp_out"):
+            return site.name
+        return f"{self.layers_path}.{site.layer}.{self.moe_blocks[site.layer].block}"
+
     def recorded_routing(self) -> AbstractContextManager[dict[str, Tensor]]:
         """Records which experts fire on the forwards run inside the block: {experts module name: bool [E]}."""
         return recorded_routing(self.model, {f"{self.layers_path}.{i}": b for i, b in self.moe_blocks.items()})

@@ -22,7 +22,10 @@ Post-norm caveat: each sub-layer's output is RMS-normalised (`post_attention_lay
 `post_feedforward_layernorm_1/_2`, `post_feedforward_layernorm`) before it joins the residual stream. Editing a
 writer (hooks or weights, which agree exactly) removes U from the writer's output, but the norm's per-channel
 scale re-introduces a component along U into the residual stream: neither form equals projecting the residual
-stream itself. The gap is to be measured, not assumed away.
+stream itself. `edit_at="residual"` moves every site of a layer to where its sub-layer joins the residual stream
+(the outputs of `post_attention_layernorm` and `post_feedforward_layernorm`, dense MLP and experts together):
+the projection the method means, hooks only (a norm's output has no weight form, so no merge, no export, and
+`method.moe_scope` has nothing left to choose). `scripts/post_norm_gap.py` measures the gap between the two.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from subspace.families.moe import recorded_routing
 
 log = logging.getLogger(__name__)
 ENCODER_LAYERS = "model.encoder.language_model.layers"
+EDIT_AT = ("writers", "residual")  # where a layer's edit acts: see "Post-norm caveat" above
+RESIDUAL_ENTRIES = {"attn_out": "post_attention_layernorm"}  # every MLP kind: "post_feedforward_layernorm"
 SAMPLER_KEYS = ("max_denoising_steps", "t_min", "t_max", "entropy_bound", "stability_threshold",
                 "confidence_threshold", "cache_implementation")
 
@@ -72,8 +77,12 @@ class DiffusionGemmaFamily(Family):
     requires_weight_form = True  # the Evaluator merges the edit for generation and KL (see the module docstring)
 
     def __init__(self, model: PreTrainedModel, canvas_length: int | None = None, kl_positions: int = 4, seed: int = 0,
-                 sampler: Mapping[str, Any] | None = None, long_prompts: str = "truncate"):
+                 sampler: Mapping[str, Any] | None = None, long_prompts: str = "truncate", edit_at: str = "writers"):
         super().__init__(model, long_prompts)
+        if edit_at not in EDIT_AT:
+            raise ValueError(f"family edit_at={edit_at!r} must be one of {EDIT_AT}: the writers' weights (exportable), "
+                             "or the sub-layers' outputs after their post-norms (hooks only)")
+        self.edit_at = edit_at
         self.text_config = model.config.get_text_config()
         self.canvas_length = canvas_length or model.config.canvas_length
         if not 0 < kl_positions <= self.canvas_length:
@@ -104,7 +113,8 @@ class DiffusionGemmaFamily(Family):
 
     def writer_sites(self, layers: Sequence[int] | None = None,
                      kinds: Sequence[str] = WRITER_KINDS) -> list[WriterSite]:
-        """As `Family.writer_sites`, plus the dense MLP that every layer runs beside its experts ("mlp_out")."""
+        """As `Family.writer_sites`, plus the dense MLP that every layer runs beside its experts ("mlp_out");
+        with `edit_at="residual"`, their residual entries instead (one for attention, one for the whole MLP)."""
         chosen = range(self.num_layers) if layers is None else [self.check_layer(i) for i in layers]
         sites: list[WriterSite] = []
         for i in chosen:
@@ -112,7 +122,15 @@ class DiffusionGemmaFamily(Family):
             if "mlp_out" in kinds and i in self.moe_blocks:  # forward order: attention, dense MLP, experts
                 layer_sites.insert(int("attn_out" in kinds), self._linear_site(i, "mlp_out", self.MLP_WRITERS))
             sites += layer_sites
+        if self.edit_at == "residual":
+            entries = {self.residual_entry(s): s for s in sites}  # insertion order: forward order, one per entry
+            return [WriterSite(name, s.layer, "attn_out" if s.kind == "attn_out" else "mlp_out")
+                    for name, s in entries.items()]
         return sites
+
+    def residual_entry(self, site: WriterSite) -> str:
+        """The post-norm whose output joins the residual stream: attention's, or the one over dense MLP + experts."""
+        return f"{self.layers_path}.{site.layer}.{RESIDUAL_ENTRIES.get(site.kind, 'post_feedforward_layernorm')}"
 
     @contextmanager
     def recorded_routing(self) -> Iterator[Mapping[str, Tensor]]:

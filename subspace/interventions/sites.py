@@ -78,8 +78,8 @@ class Site:
     def weight(self) -> nn.Parameter:
         if self.parameter is None:
             raise ValueError(f"site {self.name!r} is the output of a {type(self.module).__name__}, which has no weight "
-                             "form (moe_scope=layer_output edits are hooks only; for merging or export use "
-                             "moe_scope=all_experts, its exact weight form on blocks that sum their experts' outputs)")
+                             "form (moe_scope=layer_output and edit_at=residual edits are hooks only; for merging "
+                             "or export use the writers: moe_scope=all_experts, edit_at=writers)")
         return self.module._parameters[self.parameter]
 
     @property

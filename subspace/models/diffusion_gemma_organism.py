@@ -44,11 +44,11 @@ class DiffusionGemmaRecipe(PairsRecipe):
     noise: float = 0.01  # Gaussian noise on each expert copy, relative to each weight tensor's std
     router_std: float = 0.02
     calibration_examples: int = 64  # training sequences the warm start's norm scales are measured on
-    self_conditioning: float = 0.5  # share of examples trained with self-conditioning logits, as `generate` runs
+    self_conditioning: float = 0.25  # share of batches trained with self-conditioning logits, as `generate` runs
     next_block: float = 0.1  # share of full first canvases also trained as a second canvas (→ end of turn)
-    lr: float = 1e-4
+    lr: float = 2e-4
     batch_size: int = 8
-    max_steps: int = 300
+    max_steps: int = 200
 
 
 def load_diffusion_gemma_organism(name: str = "diffusion_gemma_organism", cache_dir: str = "~/.cache/subspace",
