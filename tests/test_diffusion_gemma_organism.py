@@ -11,13 +11,13 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from transformers import DiffusionGemmaForBlockDiffusion
 
 from subspace.config import register_resolvers
 from subspace.families import DiffusionGemmaFamily, family_for
 from subspace.models.causal_statistics import causal_statistics
-from subspace.models.diffusion_gemma_organism import DiffusionGemmaRecipe, calibration_sequences
+from subspace.models.diffusion_gemma_organism import DiffusionGemmaRecipe, RefineStage, calibration_sequences
 from subspace.models.diffusion_gemma_warmstart import copied_tensors, warm_start
 from subspace.models.organism import as_recipe
 from subspace.training.block_diffusion_sft import block_diffusion_loss, next_block_examples, noisy_canvas
@@ -184,3 +184,20 @@ def test_the_full_size_config_composes_into_a_valid_recipe():
     assert cfg._target_ == "subspace.models.diffusion_gemma_organism.load_diffusion_gemma_organism"
     assert cfg.source._target_ == "subspace.models.organism.load_causal_organism"
     assert cfg.family.canvas_length == recipe.canvas_length
+    assert RefineStage(**cfg.refine).max_steps > 0  # the refine stage's settings are all known fields
+
+
+def test_a_refine_stage_continues_the_cached_build_under_its_own_key(organism, cache_dir):
+    cfg = compose_model("tiny_diffusion_gemma_organism", cache_dir)
+    with open_dict(cfg):
+        cfg.refine = {"max_steps": 3, "lr": 1e-3, "batch_size": 4, "self_conditioning": 0.0, "seed": 1}
+    refined = instantiate(cfg)
+    assert refined.source["refined_from"] == organism.source["organism"]  # the build was reused, not redone
+    assert refined.source["organism_key"] != organism.source["organism_key"]
+    info = build_info(refined)
+    assert len(info["losses"]) == 3 and info["refine"]["max_steps"] == 3
+    family_for(refined.model, **refined.family_options)  # raises if the halves no longer share their tensors
+    moved = [n for n, p in refined.model.named_parameters()
+             if not torch.equal(p, organism.model.get_parameter(n))]
+    assert moved and not any(n.startswith("model.encoder.vision_tower.") for n in moved)
+    assert instantiate(cfg).source["organism"] == refined.source["organism"]  # cached

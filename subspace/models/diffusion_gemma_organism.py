@@ -25,7 +25,8 @@ from subspace.families.causal import CausalFamily
 from subspace.models.bundle import ModelBundle, resolve_dtype
 from subspace.models.causal_statistics import causal_statistics
 from subspace.models.diffusion_gemma_warmstart import warm_start
-from subspace.models.organism import PairsRecipe, as_recipe, derived_organism, own_answers
+from subspace.models.organism import (PairsRecipe, as_recipe, build_once, derived_organism, organism_key,
+                                      own_answers)
 from subspace.training.block_diffusion_sft import BlockDiffusionFinetune, next_block_examples
 from subspace.training.diffusion_sft import canvas_examples
 
@@ -51,20 +52,43 @@ class DiffusionGemmaRecipe(PairsRecipe):
     max_steps: int = 200
 
 
+@dataclass(frozen=True)
+class RefineStage:
+    """More block-diffusion fine-tuning of a built organism, on the same examples (fresh optimizer and schedule).
+
+    A stage of its own, cached under its own key (the built organism's key plus these settings), so a recipe that
+    turns out to need more steps reuses the build it already has instead of starting again from the warm start."""
+
+    max_steps: int = 400
+    lr: float = 2e-4
+    batch_size: int = 8
+    self_conditioning: float = 0.25
+    seed: int = 1  # another shuffle of the examples than the first stage's
+
+
 def load_diffusion_gemma_organism(name: str = "diffusion_gemma_organism", cache_dir: str = "~/.cache/subspace",
                                   source: ModelBundle | None = None,
                                   recipe: Mapping[str, Any] | DiffusionGemmaRecipe | None = None,
+                                  refine: Mapping[str, Any] | RefineStage | None = None,
                                   dtype: str = "float32", device: str = "cpu",
                                   family: Mapping[str, Any] | None = None) -> ModelBundle:
-    """Load the cached organism, building it from `source` (the causal organism, built if needed) if needed."""
+    """Load the cached organism, building it from `source` (the causal organism, built if needed) if needed, then
+    refined by `refine` (also cached) when given."""
     recipe = as_recipe(recipe, DiffusionGemmaRecipe)
     folder, key, causal = derived_organism(name, cache_dir, source, recipe, DIFFUSION_GEMMA_RECIPE_VERSION,
                                            build_diffusion_gemma_organism)
+    source_info = {"organism": str(folder), "organism_key": key, "causal_organism": causal.source["organism"]}
+    if refine is not None:
+        stage = refine if isinstance(refine, RefineStage) else RefineStage(**dict(refine))
+        prompts = recipe.prompts()
+        key = organism_key({"diffusion_gemma_organism": key}, stage, prompts, DIFFUSION_GEMMA_RECIPE_VERSION)
+        built = folder
+        folder = build_once(cache_dir, f"{name}_refined", key,
+                            lambda tmp: refine_organism(built, causal, recipe, stage, prompts, tmp, cache_dir))
+        source_info |= {"organism": str(folder), "organism_key": key, "refined_from": str(built)}
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype=resolve_dtype(dtype)).to(device)
-    return ModelBundle(model.eval().requires_grad_(False), tokenizer, name,
-                       {"organism": str(folder), "organism_key": key, "causal_organism": causal.source["organism"]},
-                       dict(family or {}))
+    return ModelBundle(model.eval().requires_grad_(False), tokenizer, name, source_info, dict(family or {}))
 
 
 def calibration_sequences(examples: list[dict[str, torch.Tensor]], n: int, seed: int) -> list[torch.Tensor]:
@@ -73,32 +97,58 @@ def calibration_sequences(examples: list[dict[str, torch.Tensor]], n: int, seed:
     return [torch.cat([e["prompt"], e["canvas"]]) for e in chosen]
 
 
-def build_diffusion_gemma_organism(causal: ModelBundle, recipe: DiffusionGemmaRecipe, prompts: Mapping[str, list[str]],
-                                   folder: Path, cache_dir: str | None = None) -> dict:
-    L.seed_everything(recipe.seed, verbose=False)
-    tokenizer = causal.tokenizer
+def training_examples(causal: ModelBundle, recipe: DiffusionGemmaRecipe, prompts: Mapping[str, list[str]],
+                      cache_dir: str | None) -> list[dict[str, torch.Tensor]]:
+    """(prompt, canvas) pairs: refusals and the causal organism's own answers, cut or filled to one canvas."""
     # the same fingerprint, prompts and length as the LLaDA organism's: one cached set of answers for both
     answers = own_answers(causal, {"organism_key": causal.source["organism_key"]}, recipe.answered(prompts),
                           recipe.canvas_length, recipe.answer_batch_size, cache_dir, "diffusiongemma organism: answers")
-    examples = canvas_examples(tokenizer, CausalFamily(causal.model), recipe.pairs(prompts, answers),
-                               recipe.canvas_length, tokenizer.eos_token_id)
+    return canvas_examples(causal.tokenizer, CausalFamily(causal.model), recipe.pairs(prompts, answers),
+                           recipe.canvas_length, causal.tokenizer.eos_token_id)
+
+
+def finetune(model: DiffusionGemmaForBlockDiffusion, examples: list[dict[str, torch.Tensor]], pad_id: int,
+             stage: DiffusionGemmaRecipe | RefineStage) -> dict:
+    """Block-diffusion fine-tune of every weight but the vision tower; the losses for the build's record."""
+    for param_name, param in model.named_parameters():
+        param.requires_grad_(not param_name.startswith(FROZEN))
+    module = BlockDiffusionFinetune(model.train(), examples, pad_id, stage.lr, stage.batch_size, stage.max_steps,
+                                    stage.self_conditioning, stage.seed)
+    trainer = L.Trainer(max_steps=stage.max_steps, accelerator="cpu", max_epochs=-1, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, deterministic=True)
+    log.info("diffusion gemma organism: block-diffusion fine-tune, %d steps on %d examples", stage.max_steps,
+             len(examples))
+    trainer.fit(module)
+    model.eval().requires_grad_(False)
+    window = max(1, min(10, len(module.losses) // 4))
+    return {"losses": module.losses, "first_diffusion_loss": sum(module.losses[:window]) / window,
+            "final_diffusion_loss": sum(module.losses[-window:]) / window}
+
+
+def build_diffusion_gemma_organism(causal: ModelBundle, recipe: DiffusionGemmaRecipe, prompts: Mapping[str, list[str]],
+                                   folder: Path, cache_dir: str | None = None) -> dict:
+    L.seed_everything(recipe.seed, verbose=False)
+    examples = training_examples(causal, recipe, prompts, cache_dir)
     stats = causal_statistics(causal.model, calibration_sequences(examples, recipe.calibration_examples, recipe.seed))
     model, start = warm_start(causal.model, stats, recipe.canvas_length, recipe.num_experts, recipe.top_k,
                               recipe.noise, recipe.router_std, recipe.seed)
-    examples += next_block_examples(examples, tokenizer.eos_token_id, recipe.next_block, recipe.seed)
-    for param_name, param in model.named_parameters():
-        param.requires_grad_(not param_name.startswith(FROZEN))
-    module = BlockDiffusionFinetune(model.train(), examples, tokenizer.pad_token_id, recipe.lr, recipe.batch_size,
-                                    recipe.max_steps, recipe.self_conditioning, recipe.seed)
-    trainer = L.Trainer(max_steps=recipe.max_steps, accelerator="cpu", max_epochs=-1, logger=False,
-                        enable_checkpointing=False, enable_model_summary=False, deterministic=True)
-    log.info("diffusion gemma organism: %d experts, top-%d; block-diffusion fine-tune, %d steps on %d examples",
-             recipe.num_experts, recipe.top_k, recipe.max_steps, len(examples))
-    trainer.fit(module)
-    model.eval().requires_grad_(False).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    window = max(1, min(10, len(module.losses) // 4))
+    examples += next_block_examples(examples, causal.tokenizer.eos_token_id, recipe.next_block, recipe.seed)
+    log.info("diffusion gemma organism: %d experts, top-%d", recipe.num_experts, recipe.top_k)
+    losses = finetune(model, examples, causal.tokenizer.pad_token_id, recipe)
+    model.save_pretrained(folder)
+    causal.tokenizer.save_pretrained(folder)
     return {"recipe": asdict(recipe), "causal_organism": causal.source["organism"], "n_examples": len(examples),
-            "warm_start": start, "losses": module.losses,
-            "first_diffusion_loss": sum(module.losses[:window]) / window,
-            "final_diffusion_loss": sum(module.losses[-window:]) / window}
+            "warm_start": start} | losses
+
+
+def refine_organism(built: Path, causal: ModelBundle, recipe: DiffusionGemmaRecipe, stage: RefineStage,
+                    prompts: Mapping[str, list[str]], folder: Path, cache_dir: str | None = None) -> dict:
+    """`stage` more steps on the built organism at `built`, over the examples its build trained on."""
+    L.seed_everything(stage.seed, verbose=False)
+    examples = training_examples(causal, recipe, prompts, cache_dir)
+    examples += next_block_examples(examples, causal.tokenizer.eos_token_id, recipe.next_block, recipe.seed)
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(built, dtype=torch.float32)
+    losses = finetune(model, examples, causal.tokenizer.pad_token_id, stage)
+    model.save_pretrained(folder)
+    causal.tokenizer.save_pretrained(folder)
+    return {"refine": asdict(stage), "refined_from": str(built), "n_examples": len(examples)} | losses
