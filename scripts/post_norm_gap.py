@@ -33,7 +33,7 @@ def main(cfg: DictConfig) -> dict:
     from subspace.utils.io import write_json
 
     bundle = instantiate(cfg.model)
-    model, tokenizer = bundle.model, bundle.tokenizer
+    model = bundle.model
     family = family_for(model, cfg.long_prompts, **bundle.family_options)
     evaluator = Evaluator(bundle, family, instantiate(cfg.eval.judge), cfg.eval.max_new_tokens, cfg.eval.batch_size,
                           cfg.system_prompt, apply="merged")  # the weight form; the residual form has hooks only
@@ -42,7 +42,7 @@ def main(cfg: DictConfig) -> dict:
     harmful = load_prompts(cfg.harmful.source, limit=cfg.harmful.limit, name="harmful")
     harmless = load_prompts(cfg.harmless.source, limit=cfg.harmless.limit, name="harmless")
 
-    measure = lambda edited: along_edit(family, tokenizer, harmful, residual, edited, cfg.eval.batch_size)  # noqa: E731
+    measure = lambda edited: along_edit(evaluator, harmful, residual, edited)  # noqa: E731
     rows = gap_rows(family, residual, measure(None), measure(edit.merged(model)), measure(residual.applied(model)))
     report = {"model": bundle.name, "family": family.name, "edit": str(cfg.edit), "n_harmful": len(harmful),
               "n_harmless": len(harmless), "kl_at": family.kl_at, "layers": rows}

@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 
 from subspace.analysis.post_norm_gap import along_edit, gap_rows, residual_form
 from subspace.data.loading import load_prompts
+from subspace.evaluation.evaluator import Evaluator
 from subspace.families import DiffusionGemmaFamily, family_for
 from subspace.families.base import Family
 from subspace.interventions.edit import ProjectionEdit
@@ -36,7 +37,8 @@ def gemma(cache_dir):
 def forms_left(bundle, edit: ProjectionEdit) -> tuple[list[dict], ProjectionEdit]:
     family = family_for(bundle.model, **bundle.family_options)
     residual = residual_form(edit, family)
-    measure = lambda edited: along_edit(family, bundle.tokenizer, PROMPTS, residual, edited)  # noqa: E731
+    evaluator = Evaluator(bundle, family, progress=False)
+    measure = lambda edited: along_edit(evaluator, PROMPTS, residual, edited)  # noqa: E731
     before = measure(None)
     rows = gap_rows(family, residual, before, measure(edit.merged(bundle.model)),
                     measure(residual.applied(bundle.model)))

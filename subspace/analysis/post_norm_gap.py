@@ -10,19 +10,17 @@ layer adds to the residual stream, relative to the unedited model's.
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
 from subspace.analysis.edit_layers import check_edit_fits
+from subspace.evaluation.evaluator import Evaluator
 from subspace.families.base import SITE_KINDS, Family
 from subspace.interventions.edit import ProjectionEdit
-
-log = logging.getLogger(__name__)
 
 
 def residual_form(edit: ProjectionEdit, family: Family) -> ProjectionEdit:
@@ -48,36 +46,32 @@ def residual_form(edit: ProjectionEdit, family: Family) -> ProjectionEdit:
     return ProjectionEdit(list(groups), torch.stack(bases), torch.stack(strengths), meta)
 
 
-def _capture(family: Family, entries: Sequence[str]) -> tuple[dict[str, list[Tensor]], list]:
-    """Forward hooks on the residual entries recording their outputs (float32 CPU, one tensor per batch)."""
-    outputs: dict[str, list[Tensor]] = {name: [] for name in entries}
-    handles = []
-    for name in entries:
-        def hook(module, args, output, name=name):
-            out = output[0] if isinstance(output, tuple) else output
-            outputs[name].append(out.detach().float().cpu())
-        handles.append(family.model.get_submodule(name).register_forward_hook(hook))
-    return outputs, handles
-
-
 @torch.no_grad()
-def along_edit(family: Family, tokenizer, prompts: Sequence[str], residual: ProjectionEdit,
-               edited=None, batch_size: int = 16) -> Tensor:
-    """Per residual entry of `residual`: the RMS over tokens of ‖Uᵀc‖, c what the entry adds to the residual
-    stream, on the forward the KL reads (`family.response_logprobs`), inside `edited` (a context manager or None)."""
-    with edited or nullcontext():
-        outputs, handles = _capture(family, residual.sites)  # after the edit's hooks: records what they leave
+def along_edit(evaluator: Evaluator, prompts: Sequence[str], residual: ProjectionEdit,
+               edited: AbstractContextManager | None = None) -> Tensor:
+    """Per residual entry of `residual`: the RMS over positions of ‖Uᵀc‖, c what the entry adds to the residual
+    stream, in the forward the KL reads (`Evaluator.logprobs`, every position it runs) inside `edited`."""
+    sums = torch.zeros(len(residual.sites), dtype=torch.float64)
+    counts = torch.zeros(len(residual.sites), dtype=torch.float64)
+
+    def record(i: int, basis: Tensor):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            along = (out.detach().float() @ basis.to(out.device)).pow(2).sum(-1)
+            sums[i] += float(along.sum())
+            counts[i] += along.numel()
+        return hook
+
+    model = evaluator.family.model
+    with edited or nullcontext():  # the recording hooks go on after the edit's own: they see what it leaves
+        handles = [model.get_submodule(name).register_forward_hook(record(i, basis))
+                   for i, (name, basis) in enumerate(zip(residual.sites, residual.bases))]
         try:
-            for start in range(0, len(prompts), batch_size):
-                family.response_logprobs(family.chat_batch(tokenizer, prompts[start:start + batch_size]))
+            evaluator.logprobs(prompts)
         finally:
             for handle in handles:
                 handle.remove()
-    rms = []
-    for name, basis in zip(residual.sites, residual.bases):
-        tokens = torch.cat([o.reshape(-1, o.shape[-1]) for o in outputs[name]])
-        rms.append((tokens @ basis).pow(2).sum(-1).mean().sqrt())
-    return torch.stack(rms)
+    return (sums / counts).sqrt().float()
 
 
 def gap_rows(family: Family, residual: ProjectionEdit, before: Tensor, weight: Tensor, at_residual: Tensor

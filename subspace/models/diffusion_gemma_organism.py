@@ -97,17 +97,22 @@ def calibration_sequences(examples: list[dict[str, torch.Tensor]], n: int, seed:
     return [torch.cat([e["prompt"], e["canvas"]]) for e in chosen]
 
 
+Examples = list[dict[str, torch.Tensor]]
+
+
 def training_examples(causal: ModelBundle, recipe: DiffusionGemmaRecipe, prompts: Mapping[str, list[str]],
-                      cache_dir: str | None) -> list[dict[str, torch.Tensor]]:
-    """(prompt, canvas) pairs: refusals and the causal organism's own answers, cut or filled to one canvas."""
+                      cache_dir: str | None) -> tuple[Examples, Examples]:
+    """(first canvases, second canvases): refusals and the causal organism's own answers cut or filled to one
+    canvas, and a `recipe.next_block` share of the full ones again as second blocks that end the turn."""
     # the same fingerprint, prompts and length as the LLaDA organism's: one cached set of answers for both
     answers = own_answers(causal, {"organism_key": causal.source["organism_key"]}, recipe.answered(prompts),
                           recipe.canvas_length, recipe.answer_batch_size, cache_dir, "diffusiongemma organism: answers")
-    return canvas_examples(causal.tokenizer, CausalFamily(causal.model), recipe.pairs(prompts, answers),
-                           recipe.canvas_length, causal.tokenizer.eos_token_id)
+    first = canvas_examples(causal.tokenizer, CausalFamily(causal.model), recipe.pairs(prompts, answers),
+                            recipe.canvas_length, causal.tokenizer.eos_token_id)
+    return first, next_block_examples(first, causal.tokenizer.eos_token_id, recipe.next_block, recipe.seed)
 
 
-def finetune(model: DiffusionGemmaForBlockDiffusion, examples: list[dict[str, torch.Tensor]], pad_id: int,
+def finetune(model: DiffusionGemmaForBlockDiffusion, examples: Examples, pad_id: int,
              stage: DiffusionGemmaRecipe | RefineStage) -> dict:
     """Block-diffusion fine-tune of every weight but the vision tower; the losses for the build's record."""
     for param_name, param in model.named_parameters():
@@ -128,11 +133,11 @@ def finetune(model: DiffusionGemmaForBlockDiffusion, examples: list[dict[str, to
 def build_diffusion_gemma_organism(causal: ModelBundle, recipe: DiffusionGemmaRecipe, prompts: Mapping[str, list[str]],
                                    folder: Path, cache_dir: str | None = None) -> dict:
     L.seed_everything(recipe.seed, verbose=False)
-    examples = training_examples(causal, recipe, prompts, cache_dir)
-    stats = causal_statistics(causal.model, calibration_sequences(examples, recipe.calibration_examples, recipe.seed))
+    first, second = training_examples(causal, recipe, prompts, cache_dir)
+    stats = causal_statistics(causal.model, calibration_sequences(first, recipe.calibration_examples, recipe.seed))
     model, start = warm_start(causal.model, stats, recipe.canvas_length, recipe.num_experts, recipe.top_k,
                               recipe.noise, recipe.router_std, recipe.seed)
-    examples += next_block_examples(examples, causal.tokenizer.eos_token_id, recipe.next_block, recipe.seed)
+    examples = first + second
     log.info("diffusion gemma organism: %d experts, top-%d", recipe.num_experts, recipe.top_k)
     losses = finetune(model, examples, causal.tokenizer.pad_token_id, recipe)
     model.save_pretrained(folder)
@@ -145,8 +150,8 @@ def refine_organism(built: Path, causal: ModelBundle, recipe: DiffusionGemmaReci
                     prompts: Mapping[str, list[str]], folder: Path, cache_dir: str | None = None) -> dict:
     """`stage` more steps on the built organism at `built`, over the examples its build trained on."""
     L.seed_everything(stage.seed, verbose=False)
-    examples = training_examples(causal, recipe, prompts, cache_dir)
-    examples += next_block_examples(examples, causal.tokenizer.eos_token_id, recipe.next_block, recipe.seed)
+    first, second = training_examples(causal, recipe, prompts, cache_dir)
+    examples = first + second
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(built, dtype=torch.float32)
     losses = finetune(model, examples, causal.tokenizer.pad_token_id, stage)
     model.save_pretrained(folder)
