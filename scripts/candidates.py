@@ -1,6 +1,7 @@
 """Run a pre-registered candidate list one after another, then pick one by the project's rule (selection split only).
 
-    python scripts/candidates.py run PLAN_DIR OUT_DIR      # each line of PLAN_DIR/candidates.txt: ID OVERRIDE...
+    python scripts/candidates.py run PLAN_DIR OUT_DIR      # each line of PLAN_DIR/candidates.txt: ID OVERRIDE...;
+                                                           # candidates already finished in OUT_DIR are skipped
     python scripts/candidates.py pick PLAN_DIR OUT_DIR     # writes PLAN_DIR/candidates.json
 
 candidates.txt's first line holds the overrides every candidate shares. The pick is `subspace.benchmark.choice.pick_point`
@@ -30,6 +31,9 @@ def read_plan(plan: Path) -> tuple[list[str], dict[str, list[str]]]:
 def run(plan: Path, out: Path) -> None:
     common, candidates = read_plan(plan)
     for cid, overrides in candidates.items():  # one at a time: the 2-core machines cannot train two at once
+        if (out / cid / "metrics.json").exists():  # finished by an earlier, interrupted `run`
+            print(f"{cid}: already finished in {out / cid}, skipped")
+            continue
         subprocess.run([sys.executable, str(ROOT / "train.py"), *common, *overrides,
                         f"hydra.run.dir={out / cid}"], check=True, cwd=ROOT)
 

@@ -9,17 +9,19 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from subspace.evaluation.evaluator import Evaluator
+from subspace.evaluation.evaluator import SHARDED_MERGE, Evaluator
 from subspace.export.peft_adapter import export_peft_adapter, save_merged_model
 from subspace.families import family_for
 from subspace.methods.base import Method, RunContext
 from subspace.reporting import git_commit, git_dirty, print_summary, versions
 from subspace.utils.io import write_json, write_jsonl
+from subspace.utils.sharded import is_sharded
 
 log = logging.getLogger(__name__)
 REPORT_KEYS = ("refusal_rate_before", "refusal_rate_after", "harmless_refusal_rate_before",
@@ -58,6 +60,12 @@ def selection_metrics(evaluator: Evaluator, data, edit) -> dict[str, float]:
     return {"select_refusal_rate_after": rate, "select_kl": evaluator.kl(data["select_harmless"], edit)}
 
 
+def shards_the_model(trainer: DictConfig) -> bool:
+    """Whether the configured strategy shards the frozen model (trainer=fsdp), known before anything is built."""
+    target = OmegaConf.select(trainer, "strategy._target_")
+    return target is not None and issubclass(get_class(target), ModelParallelStrategy)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured method and write metrics.json, samples, the edit and its PEFT adapter into the run dir."""
     start = time.time()
@@ -81,6 +89,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     data = instantiate(cfg.data)
     evaluator = Evaluator(bundle, family, instantiate(cfg.eval.judge), cfg.eval.max_new_tokens, cfg.eval.batch_size,
                           cfg.system_prompt, apply=cfg.eval.apply)
+    if evaluator.apply == "merged" and shards_the_model(cfg.trainer):
+        raise ValueError(f"{SHARDED_MERGE} (the {family.name} family is evaluated merged)")  # before the training
     method: Method = instantiate(cfg.method)
     make_trainer = partial(instantiate, cfg.trainer, callbacks=callbacks, logger=loggers or False,
                            default_root_dir=str(run_dir))
@@ -89,31 +99,41 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     fit_start = time.time()
     edit = method.fit(ctx)
     fit_seconds = time.time() - fit_start
-    if rank_zero_only.rank != 0:  # a multi-process trainer's other ranks: one process evaluates and writes the run
+    sharded = is_sharded(bundle.model)
+    if rank_zero_only.rank != 0 and not sharded:  # other ranks of a DDP run: one process evaluates and writes
         return {}
+    edit.meta.update(method.describe() | {"model": bundle.name})
+    if rank_zero_only.rank == 0:
+        edit.save(run_dir / "edit.safetensors")  # before the evaluation, which may take long or fail
+    # a sharded model (trainer=fsdp) gathers every rank's shards in each forward, so every rank evaluates in step
     results, samples = evaluator.before_after(data["eval_harmful"], data["eval_harmless"], edit)
     if cfg.eval.on_select and data["select_harmful"]:
         results |= selection_metrics(evaluator, data, edit)
+    factors = edit.lora_factors(bundle.model) if edit.has_weight_form(bundle.model) else None  # a collective
+    if rank_zero_only.rank != 0:
+        return {}
 
-    edit.meta.update(method.describe() | {"model": bundle.name})
-    edit.save(run_dir / "edit.safetensors")
-    if edit.has_weight_form(bundle.model):
+    warnings = []
+    if factors is not None:
         base_name = bundle.source.get("organism") or bundle.source.get("pretrained")
-        export_peft_adapter(edit, bundle.model, run_dir / "adapter", base_name)
-        if cfg.export_merged:
+        export_peft_adapter(edit, bundle.model, run_dir / "adapter", base_name, factors)
+        if cfg.export_merged and sharded:
+            warnings.append("export_merged=true wrote no merged model: under trainer=fsdp no process holds the "
+                            "whole model; merge the adapter (run_dir/adapter) into the base model in one process")
+        elif cfg.export_merged:
             save_merged_model(edit, bundle.model, bundle.tokenizer, run_dir / "merged")
     else:
         log.warning("this edit projects module outputs (moe_scope=layer_output, or edit_at=residual): it has no "
                     "weight form, so no adapter or merged model is exported; edit.safetensors applies it as hooks")
 
-    warnings = []
     if results["refusal_rate_before"] == 0:
         warnings.append("the model refused none of the eval harmful prompts before the edit: this eval set cannot "
                         "show a reduction (check the model or data.eval_harmful)")
     metrics = results | method.describe() | ctx.report | {
         "model": bundle.name, "family": family.name, "kl_at": family.kl_at, "eval_apply": evaluator.apply,
         "seed": cfg.seed,
-        "fit_seconds": round(fit_seconds, 1), "wall_time_s": round(time.time() - start, 1), "run_dir": str(run_dir),
+        "model_sharded": sharded, "fit_seconds": round(fit_seconds, 1), "wall_time_s": round(time.time() - start, 1),
+        "run_dir": str(run_dir),
         "warnings": warnings,
         "model_source": bundle.source, "data": data.fingerprint(), "versions": versions(), "git_commit": git_commit(),
         "git_dirty": git_dirty(), "resumed_from": ckpt_path, "config": resolved,

@@ -28,3 +28,15 @@ def test_pick_takes_the_lowest_kl_within_the_budget_and_ignores_val(tmp_path):
     result = json.loads((plan / "candidates.json").read_text())
     assert result["pick"] == "C" and [r["overrides"] for r in result["candidates"]] == [[], ["method.rank=8"],
                                                                                        ["objective.kl_weight=1"]]
+
+
+def test_run_skips_candidates_an_earlier_run_finished(tmp_path):
+    plan, out = tmp_path / "plan", tmp_path / "runs"
+    plan.mkdir()
+    (plan / "candidates.txt").write_text("model=no_such_model\nA\nB method.rank=8\n")  # would fail if trained
+    write_run(out, "A", 0.10, 0.01, 0.0)
+    write_run(out, "B", 0.04, 0.05, 0.5)
+    done = subprocess.run([sys.executable, str(ROOT / "scripts/candidates.py"), "run", str(plan), str(out)],
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines() == [f"A: already finished in {out / 'A'}, skipped",
+                                        f"B: already finished in {out / 'B'}, skipped"]

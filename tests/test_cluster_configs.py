@@ -1,15 +1,17 @@
 """Cluster configs: the trainer strategies (trainer=ddp|fsdp|deepspeed) and the SLURM launcher preset
-(hydra/launcher=slurm_gpu) compose, and build what can be built without GPUs or a cluster; one tiny-organism run
-with trainer=ddp on 2 CPU processes checks the distributed path end to end.
+(hydra/launcher=slurm_gpu) compose, and build what can be built without GPUs or a cluster; tiny-organism runs
+with trainer=ddp and trainer=fsdp on 2 CPU processes check the distributed paths end to end.
 
-What is built here: the DDP Trainer on CPU (gloo), the FSDP strategy object and its wrap policy (Lightning builds an
-FSDP Trainer only with CUDA), and the submitit launcher down to its sbatch script (no `sbatch` is run). DeepSpeed is
-composed only: Lightning refuses to build DeepSpeedStrategy without the `deepspeed` package, which no extra installs.
+What is built here: the DDP and FSDP2 (ModelParallelStrategy) runs on CPU (gloo), and the submitit launcher down to
+its sbatch script (no `sbatch` is run). DeepSpeed is composed only: Lightning refuses to build DeepSpeedStrategy
+without the `deepspeed` package, which no extra installs.
 How the ranks share the batches out is tested without processes in tests/test_data_sharding.py.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from importlib.util import find_spec
 
 import lightning as L
@@ -19,18 +21,14 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
-from torch.distributed.fsdp import ShardingStrategy
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 from subspace.config import register_resolvers
-from subspace.families import CausalFamily
-from subspace.models.llada.loading import llada_from_llama
-from subspace.models.llada.modeling import LLaDABlock
-from subspace.training.subspace_module import LearnedSubspace, SubspaceModule
+from subspace.training.sharding import HybridShardStrategy
 from tests.conftest import ROOT
 
-STRATEGIES = {"ddp": "DDPStrategy", "fsdp": "FSDPStrategy", "deepspeed": "DeepSpeedStrategy"}
+STRATEGIES = {"ddp": "lightning.pytorch.strategies.DDPStrategy", "fsdp": "subspace.training.sharding.HybridShardStrategy",
+              "deepspeed": "lightning.pytorch.strategies.DeepSpeedStrategy"}
 
 
 def compose_config(*overrides: str, hydra_node: bool = False):
@@ -45,7 +43,7 @@ def test_strategy_configs_compose_on_top_of_gpu(name):
     cfg = compose_config(f"trainer={name}", "trainer.devices=8", "trainer.num_nodes=2", "model=llada")
     trainer = cfg.trainer
     assert trainer._target_ == "lightning.pytorch.Trainer"
-    assert trainer.strategy._target_ == f"lightning.pytorch.strategies.{STRATEGIES[name]}"
+    assert trainer.strategy._target_ == STRATEGIES[name]
     assert trainer.devices == 8 and trainer.num_nodes == 2  # overridable
     assert trainer.accelerator == "gpu" and trainer.deterministic is False
     assert trainer.precision == "32-true"  # the subspace maths stay float32, as with trainer=gpu
@@ -66,33 +64,20 @@ def test_ddp_config_and_trainer_on_cpu(tmp_path):
     assert trainer.max_steps == 90 and trainer.precision == "32-true"
 
 
-def test_fsdp_strategy_builds_and_wraps_decoder_layers(tiny):
-    cfg = compose_config("trainer=fsdp").trainer.strategy
-    strategy = instantiate(cfg)
-    assert isinstance(strategy, FSDPStrategy)
-    assert strategy.sharding_strategy == ShardingStrategy.FULL_SHARD and strategy._state_dict_type == "full"
-    assert strategy.kwargs["use_orig_params"] is True
-    policy = strategy.kwargs["auto_wrap_policy"]
-    assert {LlamaDecoderLayer, LLaDABlock} <= set(policy._module_classes)
-    # the policy picks exactly the decoder layers of real models of both families (and the root)
-    llada = llada_from_llama(tiny.model, mask_token_id=5)
-    for model, layer in ((tiny.model, LlamaDecoderLayer), (llada, LLaDABlock)):
-        wrapped = set(policy._run_policy(model, set(), {})) - {model}
-        assert wrapped and all(isinstance(m, layer) for m in wrapped)
-        assert len(wrapped) == sum(isinstance(m, layer) for m in model.modules()) == 3
+def test_fsdp_config_builds_the_model_parallel_strategy():
+    strategy = instantiate(compose_config("trainer=fsdp").trainer.strategy)
+    assert isinstance(strategy, ModelParallelStrategy) and isinstance(strategy, HybridShardStrategy)
+    assert strategy._data_parallel_size == strategy._tensor_parallel_size == "auto"
+    assert strategy._save_distributed_checkpoint is False  # one file: ckpt_path=last resumes as on one GPU
 
 
-def test_subspace_module_holds_no_decoder_layer(tiny):
-    """fsdp.yaml and deepspeed.yaml say they shard only the subspace today, because SubspaceModule keeps the frozen
-    model outside its submodules. If this fails, the model became a submodule: update those comments."""
-    family = CausalFamily(tiny.model)
-    sites = family.writer_sites()
-    layers = sorted({s.layer for s in sites})
-    subspace = LearnedSubspace(torch.randn(len(layers), family.hidden_size, 2), [layers.index(s.layer) for s in sites])
-    module = SubspaceModule(family, [s.name for s in sites], subspace, torch.tensor([5]))
-    assert [name for name, _ in module.named_parameters()] == ["subspace.raw", "subspace.strength_logits"]
-    assert not any(isinstance(m, LlamaDecoderLayer) for m in module.modules())
-
+def test_merged_evaluation_is_refused_under_fsdp_before_training(tmp_path, cache_dir, tiny_organism):
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "model=tiny_organism", "debug=fast", "logger=csv",
+                             f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path / 'run'}", "trainer=fsdp",
+                             "trainer.accelerator=cpu", "trainer.devices=2", "eval.apply=merged"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "use eval.apply=hooks" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training step
 
 def test_deepspeed_config_is_stage_3():
     strategy = compose_config("trainer=deepspeed").trainer.strategy
@@ -161,7 +146,7 @@ def test_slurm_gpu_writes_the_sbatch_script(tmp_path, submitit_plugin, monkeypat
     assert submitted["executor"]._executor.parameters["array_parallelism"] == 8
 
 
-def test_ddp_on_two_cpu_processes_shards_the_batches_and_only_rank_zero_writes(tmp_path, cache_dir, tiny_organism):
+def test_ddp_and_fsdp_on_two_cpu_processes_shard_the_batches_and_only_rank_zero_writes(tmp_path, cache_dir, tiny_organism):
     """`trainer=ddp` with gloo on 2 CPU processes: the run completes, rank 1 stops after fitting (one process
     evaluates and writes the run directory), and each rank trains on its own shard of the prompts. With 16 prompts
     per class, a step of 2 ranks at batch size 8 sees all 32, as one process at batch size 16 does: the edits agree
@@ -173,7 +158,8 @@ def test_ddp_on_two_cpu_processes_shards_the_batches_and_only_rank_zero_writes(t
 
     runs = {"b16": ["method.batch_size=16"], "b8": ["method.batch_size=8"],
             "ddp": ["method.batch_size=8", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                    "trainer.precision=32-true"]}
+                    "trainer.precision=32-true"],
+            "fsdp": ["method.batch_size=8", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2"]}
     # settings of its own, so that the measured gaps below do not move with the defaults
     pinned = ["method.lr=2.64e-2", "objective.kl_weight=2.83", "method.min_depth=0.072"]
     metrics, bases = {}, {}
@@ -192,3 +178,32 @@ def test_ddp_on_two_cpu_processes_shards_the_batches_and_only_rank_zero_writes(t
     # the KL of 3 tiny steps is ~1e-5, where the two reductions' rounding alone moves it by 1–2% (seen in CI)
     assert ddp["kl"] == pytest.approx(single["kl"], rel=0.1)
     assert ddp["_stdout"].count("refusal (harmful, n=6)") == 1  # the summary is printed by one process
+    # trainer=fsdp: the model and the subspace sharded over both ranks, both evaluating in step, rank 0 writing;
+    # FSDP2 averages the subspace's gradients as DDP does, so the edit agrees with the others up to rounding
+    fsdp = metrics["fsdp"]
+    assert fsdp["model_sharded"] is True and not ddp["model_sharded"] and not single["model_sharded"]
+    assert (bases["fsdp"] - bases["b16"]).abs().max().item() < 1e-3
+    assert (bases["fsdp"] - bases["ddp"]).abs().max().item() < 1e-3
+    assert fsdp["refusal_rate_after"] == single["refusal_rate_after"]
+    assert fsdp["kl"] == pytest.approx(single["kl"], rel=0.1)
+    assert fsdp["_stdout"].count("refusal (harmful, n=6)") == 1
+    assert (tmp_path / "fsdp" / "run" / "adapter" / "adapter_model.safetensors").exists()  # gathered for export
+
+
+def test_fsdp_run_resumes_from_its_checkpoint_to_the_uninterrupted_edit(tmp_path, cache_dir, tiny_organism):
+    """trainer=fsdp writes one checkpoint file of the (sharded) subspace, its optimiser state and the data order;
+    `ckpt_path=last` on 2 processes continues to the very edit of an uninterrupted 2-process run."""
+    from safetensors.torch import load_file
+
+    from tests.test_train import run_train
+
+    fsdp = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "method.batch_size=4"]
+    every = "callbacks.model_checkpoint.every_n_train_steps=2"
+    (tmp_path / "once").mkdir(), (tmp_path / "resumed").mkdir()
+    run_train(tmp_path / "once", cache_dir, *fsdp, "trainer.max_steps=5")
+    run_train(tmp_path / "resumed", cache_dir, *fsdp, every, "trainer.max_steps=2")
+    assert (tmp_path / "resumed" / "run" / "checkpoints" / "last.ckpt").is_file()
+    resumed = run_train(tmp_path / "resumed", cache_dir, *fsdp, every, "trainer.max_steps=5", "ckpt_path=last")
+    assert resumed["model_sharded"] is True and resumed["steps"] == 5
+    once, again = (load_file(tmp_path / name / "run" / "edit.safetensors") for name in ("once", "resumed"))
+    assert torch.equal(once["bases"], again["bases"])

@@ -56,9 +56,11 @@ def _names_everywhere(model: nn.Module, sites: list[Site]) -> dict[str, list[str
                                       for m in site.aliases] for site in sites}
 
 
-def export_peft_adapter(edit: ProjectionEdit, model: nn.Module, out_dir: str | Path, base_model: str | None = None) -> Path:
+def export_peft_adapter(edit: ProjectionEdit, model: nn.Module, out_dir: str | Path, base_model: str | None = None,
+                        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Path:
     """Adapter directory loadable with `PeftModel.from_pretrained(base, out_dir)`; the model is not modified.
 
+    `factors`: `edit.lora_factors(model)` when already computed (a sharded model's, which every rank had to gather).
     Written to a temporary sibling and renamed, so a half-written adapter never exists.
     """
     dtype = next(model.parameters()).dtype
@@ -81,9 +83,10 @@ def export_peft_adapter(edit: ProjectionEdit, model: nn.Module, out_dir: str | P
     config = LoraConfig(target_modules=[name for name in modules if name not in retargeted],
                         **({"target_parameters": parameters} if parameters else {}), **settings)
     tensors = {}
-    for canonical, factors in edit.lora_factors(model).items():
+    factors = edit.lora_factors(model) if factors is None else factors
+    for canonical, site_factors in factors.items():
         for site in names[canonical]:
-            a, b = factors
+            a, b = site_factors
             if site in stacked:  # PEFT keys a parameter's LoRA by the module holding it
                 site, (a, b) = site.rpartition(".")[0], _stacked_lora(a, b)
             tensors[f"base_model.model.{site}.lora_A.weight"] = a.to(dtype, copy=True).contiguous()  # copies: one

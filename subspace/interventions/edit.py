@@ -16,6 +16,7 @@ from subspace.interventions.merge import merged_deltas
 from subspace.interventions.projection import ProjectionHooks, weight_factors
 from subspace.interventions.sites import resolve_sites
 from subspace.utils.io import atomic_path
+from subspace.utils.sharded import full
 
 MASK_PREFIX = "expert_mask."  # saved tensors "expert_mask.<site>": uint8 [num_experts]
 
@@ -65,9 +66,10 @@ class ProjectionEdit:
         return all(site.parameter is not None for site in resolve_sites(model, self.sites, self.expert_masks))
 
     def lora_factors(self, model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
-        """Weight form per site: (A [k, in], B [d, k]) with W' = W + B A; stacked experts: A [E, k, in], B [E, d, k]."""
+        """Weight form per site: (A [k, in], B [d, k]) with W' = W + B A; stacked experts: A [E, k, in], B [E, d, k].
+        On a sharded model (trainer=fsdp) each weight is gathered first: every rank must call this."""
         sites = resolve_sites(model, self.sites, self.expert_masks)
-        return {site.name: weight_factors(site.weight.detach().float().cpu(), basis, strength, site.expert_mask)
+        return {site.name: weight_factors(full(site.weight.detach()).float().cpu(), basis, strength, site.expert_mask)
                 for site, basis, strength in zip(sites, self.bases, self.strengths)}
 
     def weight_deltas(self, model: nn.Module) -> dict[str, Tensor]:

@@ -8,12 +8,15 @@ from typing import Any, Sequence
 import lightning as L
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import fully_shard
 
 from subspace.interventions.edit import ProjectionEdit
 from subspace.interventions.projection import ProjectionHooks, orthonormalize
 from subspace.families.base import Family
 from subspace.objectives.losses import refusal_loss
 from subspace.objectives.reference import ReferenceDistributions, check_top_k
+from subspace.training.sharding import shard_frozen_model
+from subspace.utils.sharded import full, is_sharded
 
 
 def rng_states() -> dict[str, Any]:
@@ -33,8 +36,8 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 def nonfinite(values: dict[str, Tensor]) -> list[str]:
-    """Names of the tensors that hold a NaN or an infinity."""
-    return [name for name, v in values.items() if v is not None and not torch.isfinite(v).all()]
+    """Names of the tensors that hold a NaN or an infinity (a sharded one is gathered: every rank must call this)."""
+    return [name for name, v in values.items() if v is not None and not torch.isfinite(full(v)).all()]
 
 
 class LearnedSubspace(nn.Module):
@@ -60,7 +63,7 @@ class SubspaceModule(L.LightningModule):
     """Minimise `refusal(harmful) + λ·KL(P_original ‖ P_edited)(harmless)` over the subspace only.
 
     The base model is frozen and held outside the module's parameter registry, so checkpoints
-    and optimiser state contain only the subspace. The original harmless distributions are
+    and optimiser state contain only the subspace (under trainer=fsdp `configure_model` shards it all the same). The original harmless distributions are
     computed once (`on_fit_start`) and indexed by prompt: over the full vocabulary, or with `kl_top_k`
     only each position's top-k tokens and the pooled rest (`ReferenceDistributions`). Fit inside
     `with module.hooks:` so the projection hooks are removed however training ends.
@@ -83,6 +86,7 @@ class SubspaceModule(L.LightningModule):
         self.sites = list(sites)
         self.subspace = subspace
         self.register_buffer("refusal_token_ids", torch.as_tensor(refusal_token_ids, dtype=torch.long))
+        self._probed_refusal_ids = self.refusal_token_ids.clone()  # what a resumed checkpoint must match
         self.kl_weight, self.lr, self.strength_lr, self.meta = kl_weight, lr, strength_lr, meta or {}
         self.kl_top_k = kl_top_k
         self._reference_batches = list(harmless_prompt_batches)
@@ -97,6 +101,17 @@ class SubspaceModule(L.LightningModule):
     @property
     def family(self) -> Family:
         return self._frozen[0]
+
+    def configure_model(self) -> None:
+        """trainer=fsdp (Lightning's ModelParallelStrategy sets a device mesh): shard the frozen model and the
+        subspace over the data-parallel ranks (subspace/training/sharding.py). Other strategies: nothing."""
+        if self.device_mesh is None or is_sharded(self.family.model):
+            return
+        if swapped := [site.name for site, path in zip(self.hooks.sites, self.hooks.paths) if path == "weight"]:
+            raise NotImplementedError(f"trainer=fsdp cannot shard fused experts whose weights the edit swaps in "
+                                      f"({', '.join(swapped[:3])}, ...): use trainer=ddp for this model")
+        shard_frozen_model(self.family.model, self.family.layers, self.device_mesh)
+        fully_shard(self.subspace, mesh=self.device_mesh)  # FSDP2 then averages its gradients over every rank
 
     @torch.no_grad()
     def on_fit_start(self) -> None:
@@ -114,12 +129,14 @@ class SubspaceModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["rng_states"] = rng_states()
         checkpoint["reference_digest"] = self._reference_digest
+        checkpoint["refusal_token_ids"] = self.refusal_token_ids.cpu()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint["state_dict"]["refusal_token_ids"]
-        if not torch.equal(saved.cpu(), self.refusal_token_ids.cpu()):
+        # outside "state_dict", which trainer=fsdp loads into the module (buffer included) before this hook runs
+        saved = checkpoint.get("refusal_token_ids", checkpoint.get("state_dict", {}).get("refusal_token_ids"))
+        if not torch.equal(saved.cpu(), self._probed_refusal_ids):
             raise ValueError(f"the checkpoint was trained against refusal tokens {saved.tolist()}, this run probed "
-                             f"{self.refusal_token_ids.tolist()}: the model or the harmful training prompts changed "
+                             f"{self._probed_refusal_ids.tolist()}: the model or the harmful training prompts changed "
                              "since, so the run cannot be resumed from it")
         self._checkpoint_reference_digest = checkpoint.get("reference_digest")
         if "rng_states" in checkpoint:
