@@ -69,6 +69,7 @@ def shards_the_model(trainer: DictConfig) -> bool:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured method and write metrics.json, samples, the edit and its PEFT adapter into the run dir."""
     start = time.time()
+    code = {"git_commit": git_commit(), "git_dirty": git_dirty()}  # the code this run started from, not the later HEAD
     run_dir = Path(cfg.paths.output_dir)
     check_output_dir(run_dir, cfg.overwrite or cfg.get("ckpt_path") is not None)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -135,8 +136,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "model_sharded": sharded, "fit_seconds": round(fit_seconds, 1), "wall_time_s": round(time.time() - start, 1),
         "run_dir": str(run_dir),
         "warnings": warnings,
-        "model_source": bundle.source, "data": data.fingerprint(), "versions": versions(), "git_commit": git_commit(),
-        "git_dirty": git_dirty(), "resumed_from": ckpt_path, "config": resolved,
+        "model_source": bundle.source, "data": data.fingerprint(), "versions": versions(), **code,
+        "resumed_from": ckpt_path, "config": resolved,
     }
     write_json(run_dir / "metrics.json", metrics)
     write_jsonl(run_dir / "samples.jsonl", samples)
