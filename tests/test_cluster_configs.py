@@ -10,6 +10,7 @@ How the ranks share the batches out is tested without processes in tests/test_da
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from importlib.util import find_spec
@@ -207,3 +208,21 @@ def test_fsdp_run_resumes_from_its_checkpoint_to_the_uninterrupted_edit(tmp_path
     assert resumed["model_sharded"] is True and resumed["steps"] == 5
     once, again = (load_file(tmp_path / name / "run" / "edit.safetensors") for name in ("once", "resumed"))
     assert torch.equal(once["bases"], again["bases"])
+
+
+def test_fsdp_runs_the_llada_sampler_on_every_rank_in_step(tmp_path, cache_dir, tiny_organism):
+    """The LLaDA family under trainer=fsdp: its own sampler (forwards of the sharded model, no `generate`) runs on
+    both ranks in step after training, and the run ends as a single process's would, with the same sampled texts."""
+    from tests.test_train import run_train
+
+    (tmp_path / "one").mkdir(), (tmp_path / "fsdp").mkdir()
+    fsdp = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "method.batch_size=4"]
+    single = run_train(tmp_path / "one", cache_dir, "method.batch_size=8", model="tiny_llada_organism")
+    sharded = run_train(tmp_path / "fsdp", cache_dir, *fsdp, model="tiny_llada_organism")
+    assert sharded["model_sharded"] is True and sharded["family"] == "llada"
+    assert sharded["refusal_rate_before"] == single["refusal_rate_before"]
+    def unedited(name: str) -> list[str]:
+        lines = (tmp_path / name / "run" / "samples.jsonl").read_text().splitlines()
+        return [json.loads(line)["before"] for line in lines]
+
+    assert unedited("fsdp") == unedited("one")  # the unedited model samples the same text, sharded or not
