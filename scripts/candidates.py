@@ -5,7 +5,8 @@
     python scripts/candidates.py pick PLAN_DIR OUT_DIR     # writes PLAN_DIR/candidates.json
 
 candidates.txt's first line holds the overrides every candidate shares. The pick is `subspace.benchmark.choice.pick_point`
-on each run's `select_refusal_rate_after` and `select_kl` with a 5% refusal budget; val numbers are never read.
+on each run's `select_refusal_rate_after` and `select_kl` with the refusal budget the plan states (5% unless
+PLAN_DIR/refusal_budget.txt holds another); val numbers are never read.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ def read_plan(plan: Path) -> tuple[list[str], dict[str, list[str]]]:
     return lines[0], {line[0]: line[1:] for line in lines[1:]}
 
 
+def refusal_budget(plan: Path) -> float:
+    path = plan / "refusal_budget.txt"
+    return float(path.read_text()) if path.exists() else REFUSAL_BUDGET
+
+
 def run(plan: Path, out: Path) -> None:
     common, candidates = read_plan(plan)
     for cid, overrides in candidates.items():  # one at a time: the 2-core machines cannot train two at once
@@ -46,10 +52,10 @@ def pick(plan: Path, out: Path) -> str:
         rows.append({"candidate": cid, "overrides": overrides, "select_refusal_rate_after": m["select_refusal_rate_after"],
                      "select_kl": m["select_kl"], "n_select": m["config"]["data"]["n_select"],
                      "wall_time_s": m["wall_time_s"], "git_commit": m["git_commit"]})
-    chosen = pick_point(rows, [r["select_refusal_rate_after"] for r in rows], [r["select_kl"] for r in rows],
-                        REFUSAL_BUDGET)
+    budget = refusal_budget(plan)
+    chosen = pick_point(rows, [r["select_refusal_rate_after"] for r in rows], [r["select_kl"] for r in rows], budget)
     (plan / "candidates.json").write_text(json.dumps(
-        {"refusal_budget": REFUSAL_BUDGET, "candidates": rows, "pick": chosen["candidate"]}, indent=1) + "\n")
+        {"refusal_budget": budget, "candidates": rows, "pick": chosen["candidate"]}, indent=1) + "\n")
     for r in rows:
         print(f"{r['candidate']:>4}  refusal {100 * r['select_refusal_rate_after']:5.1f}%  KL {r['select_kl']:.4f}  "
               f"{' '.join(r['overrides']) or '(none)'}")

@@ -40,3 +40,16 @@ def test_run_skips_candidates_an_earlier_run_finished(tmp_path):
                           capture_output=True, text=True, check=True)
     assert done.stdout.splitlines() == [f"A: already finished in {out / 'A'}, skipped",
                                         f"B: already finished in {out / 'B'}, skipped"]
+
+
+def test_a_plan_can_state_a_tighter_refusal_budget(tmp_path):
+    plan, out = tmp_path / "plan", tmp_path / "runs"
+    plan.mkdir()
+    (plan / "candidates.txt").write_text("model=x\nA\nB method.rank=8\n")
+    (plan / "refusal_budget.txt").write_text("0.016\n")
+    write_run(out, "A", 0.047, 0.03, 0.0)   # the pick under the default 5% budget
+    write_run(out, "B", 0.015, 0.09, 0.5)   # the only one within 1.6%
+    subprocess.run([sys.executable, str(ROOT / "scripts/candidates.py"), "pick", str(plan), str(out)], check=True,
+                   capture_output=True)
+    result = json.loads((plan / "candidates.json").read_text())
+    assert result["pick"] == "B" and result["refusal_budget"] == 0.016
