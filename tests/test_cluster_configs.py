@@ -226,3 +226,24 @@ def test_fsdp_runs_the_llada_sampler_on_every_rank_in_step(tmp_path, cache_dir, 
         return [json.loads(line)["before"] for line in lines]
 
     assert unedited("fsdp") == unedited("one")  # the unedited model samples the same text, sharded or not
+
+
+def test_fsdp_refuses_fused_experts_the_edit_swaps_in_before_sharding_anything():
+    """An expert-masked edit (moe_scope=active_only) swaps projected copies of the fused expert weights in around
+    the experts' forward, which FSDP2's gathered parameters would not see: configure_model says so instead."""
+    from subspace.families import CausalFamily
+    from subspace.training.subspace_module import LearnedSubspace, SubspaceModule
+    from subspace.utils.sharded import is_sharded
+    from tests.test_moe import EXPERTS, tiny_moe
+
+    model = tiny_moe("qwen3_moe")
+    family = CausalFamily(model)
+    sites = [s.name for s in family.writer_sites()]
+    masks = {name: torch.arange(EXPERTS) % 2 == 0 for name in sites if name.endswith("experts.down_proj")}
+    subspace = LearnedSubspace(torch.randn(1, family.hidden_size, 2), [0] * len(sites))
+    module = SubspaceModule(family, sites, subspace, torch.tensor([5]), expert_masks=masks)
+    module.configure_model()  # no device mesh (every strategy but trainer=fsdp): nothing happens
+    module._device_mesh = object()  # what Lightning's ModelParallelStrategy sets before calling it
+    with pytest.raises(NotImplementedError, match=r"experts\.down_proj.*use trainer=ddp"):
+        module.configure_model()
+    assert not is_sharded(model)

@@ -5,8 +5,8 @@ dimensions are nodes × devices per node (`data_parallel_size` and `tensor_paral
 one replica per node and shards it over the node's devices (HSDP), so each device holds 1/devices of the weights,
 gathers one layer at a time, and every all-gather stays inside a node. Module names stay as they were, so the
 projection hooks fire on the gathered outputs. The subspace is sharded as well, which makes FSDP2 average its
-gradients over the ranks, and the batches are shared out over all of them. Every forward
-of a sharded model is a collective: all ranks must run the same forwards in step.
+gradients over the ranks, and the batches are shared out over all of them. Every forward of a sharded model is a
+collective: all ranks must run the same forwards in step.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ def shard_frozen_model(model: nn.Module, layers: nn.ModuleList, mesh: DeviceMesh
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     model._is_fsdp_managed_module = True  # transformers' marker: generate() then runs with synced_gpus
-
 
 
 class HybridShardStrategy(ModelParallelStrategy):

@@ -63,8 +63,8 @@ class SubspaceModule(L.LightningModule):
     """Minimise `refusal(harmful) + λ·KL(P_original ‖ P_edited)(harmless)` over the subspace only.
 
     The base model is frozen and held outside the module's parameter registry, so checkpoints
-    and optimiser state contain only the subspace (under trainer=fsdp `configure_model` shards it all the same). The original harmless distributions are
-    computed once (`on_fit_start`) and indexed by prompt: over the full vocabulary, or with `kl_top_k`
+    and optimiser state contain only the subspace (under trainer=fsdp `configure_model` shards it all the same).
+    The original harmless distributions are computed once (`on_fit_start`) and indexed by prompt: over the full vocabulary, or with `kl_top_k`
     only each position's top-k tokens and the pooled rest (`ReferenceDistributions`). Fit inside
     `with module.hooks:` so the projection hooks are removed however training ends.
 
@@ -104,7 +104,7 @@ class SubspaceModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """trainer=fsdp (Lightning's ModelParallelStrategy sets a device mesh): shard the frozen model and the
-        subspace over the data-parallel ranks (subspace/training/sharding.py). Other strategies: nothing."""
+        subspace over the ranks (subspace/training/sharding.py). Other strategies set none: nothing to do."""
         if self.device_mesh is None or is_sharded(self.family.model):
             return
         if swapped := [site.name for site, path in zip(self.hooks.sites, self.hooks.paths) if path == "weight"]:
