@@ -299,3 +299,14 @@ def test_a_run_leaves_the_base_model_untouched_on_disk_and_in_memory(tmp_path, c
     assert file_hashes(folder) == on_disk
     assert weight_hashes(loaded["model"]) == loaded["hashes"]
     assert torch.equal(logits(loaded["model"]), loaded["logits"])  # and no hook of the edit is left on it
+
+
+def test_gradient_checkpointing_trains_the_same_edit(tmp_path, cache_dir, uninterrupted):
+    """method.gradient_checkpointing=true recomputes each layer in backward; the run ends with the same subspace
+    (up to float rounding: the recomputed forward is the same arithmetic, the order of gradient sums may differ)."""
+    checkpointed = train(tmp_path, cache_dir, f"trainer.max_steps={STEPS}", "method.gradient_checkpointing=true")
+    base, metrics = uninterrupted
+    expected, got = edit_tensors(base), edit_tensors(tmp_path)
+    torch.testing.assert_close(got["bases"], expected["bases"], rtol=1e-4, atol=1e-5)
+    assert checkpointed["config"]["method"]["gradient_checkpointing"] is True
+    assert checkpointed["refusal_rate_after"] == metrics["refusal_rate_after"]

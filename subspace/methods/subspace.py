@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -15,6 +16,7 @@ from subspace.methods.base import RunContext
 from subspace.methods.directions import class_means
 from subspace.methods.moe_scope import calibration, check_moe_scope, scoped_sites
 from subspace.objectives.refusal_kl import RefusalKLObjective
+from subspace.training.checkpointing import checkpointed_layers
 from subspace.training.subspace_module import LearnedSubspace, SubspaceModule
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ class Subspace:
     batch_size: int = 8
     max_length: int | None = 256
     moe_scope: str = "all_experts"
+    gradient_checkpointing: bool = False  # recompute each layer in backward: less activation memory, ~1 more forward
     name: str = "subspace"
 
     def __post_init__(self) -> None:
@@ -105,7 +108,8 @@ class Subspace:
         if ctx.make_trainer is None:
             raise ValueError("method=subspace needs a Lightning trainer (cfg.trainer)")
         trainer = ctx.make_trainer()
-        with module.hooks:
+        checkpointing = checkpointed_layers(fam.layers) if self.gradient_checkpointing else nullcontext()
+        with module.hooks, checkpointing:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ctx.ckpt_path)
         ctx.report["steps"] = trainer.global_step
         ctx.report["expert_edit_paths"] = {site.name: path for site, path in zip(module.hooks.sites, module.hooks.paths)
