@@ -75,7 +75,8 @@ def main(cfg: DictConfig) -> dict:
         report["weights_allocated_gib"] = (torch.cuda.memory_allocated(device) / 1024 ** 3
                                            if device.type == "cuda" else None)
         report["training"] = profile_training_step(family, cfg.batch_size, cfg.prompt_length, cfg.rank, cfg.kl_weight,
-                                                   cfg.steps, cfg.warmup, cfg.seed, cfg.kl_top_k)
+                                                   cfg.steps, cfg.warmup, cfg.seed, cfg.kl_top_k,
+                                                   cfg.gradient_checkpointing)
         if hasattr(family, "sampler"):
             report["sampler"] = profile_sampler(family, cfg.batch_size, cfg.prompt_length, cfg.gen_length, cfg.seed)
     write_json(Path(cfg.paths.output_dir) / "profile.json", report)

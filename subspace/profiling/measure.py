@@ -9,12 +9,14 @@ overhead the projection hooks and the subspace add.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from subspace.families.base import Family
+from subspace.training.checkpointing import checkpointed_layers
 from subspace.training.subspace_module import LearnedSubspace, SubspaceModule
 
 GIB = 1024 ** 3
@@ -45,10 +47,11 @@ def random_prompts(family: Family, batch_size: int, length: int, generator: torc
 
 
 def profile_training_step(family: Family, batch_size: int, prompt_length: int, rank: int, kl_weight: float,
-                          steps: int, warmup: int, seed: int = 0,
-                          kl_top_k: int | None = None) -> dict[str, float | None]:
+                          steps: int, warmup: int, seed: int = 0, kl_top_k: int | None = None,
+                          gradient_checkpointing: bool = False) -> dict[str, float | None]:
     """Seconds, tokens/s and peak memory of one subspace training step (every layer edited, one basis per
-    layer) and of the plain frozen forward+backward on the same batches."""
+    layer; with `gradient_checkpointing`, its layers recomputed in backward) and of the plain frozen
+    forward+backward on the same batches (never checkpointed, so the ratio includes the recomputation)."""
     device = family.model.device
     generator = torch.Generator().manual_seed(seed)
     harmful = random_prompts(family, batch_size, prompt_length, generator)
@@ -77,7 +80,7 @@ def profile_training_step(family: Family, batch_size: int, prompt_length: int, r
         (refusal + kl_weight * kl).backward()
         probe.grad = None
 
-    with module.hooks:
+    with module.hooks, (checkpointed_layers(family.layers) if gradient_checkpointing else nullcontext()):
         step = timed(training_step, device, steps, warmup)
     handle = family.model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out + probe)
     try:
@@ -88,7 +91,7 @@ def profile_training_step(family: Family, batch_size: int, prompt_length: int, r
     return {"step_s": step["seconds"], "step_tokens_per_s": tokens / step["seconds"], "step_peak_gib": step["peak_gib"],
             "frozen_fwd_bwd_s": plain["seconds"], "frozen_fwd_bwd_peak_gib": plain["peak_gib"],
             "step_overhead_ratio": step["seconds"] / plain["seconds"], "tokens_per_step": tokens,
-            "edited_sites": len(sites)}
+            "edited_sites": len(sites), "gradient_checkpointing": gradient_checkpointing}
 
 
 def profile_sampler(family: Family, batch_size: int, prompt_length: int, gen_length: int,
