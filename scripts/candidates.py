@@ -19,9 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[0] = str(ROOT)  # the repository root replaces this script's folder on the path
-from subspace.benchmark.choice import pick_point  # noqa: E402
-
-REFUSAL_BUDGET = 0.05
+from subspace.benchmark.choice import REFUSAL_BUDGET, pick_point  # noqa: E402
 
 
 def read_plan(plan: Path) -> tuple[list[str], dict[str, list[str]]]:

@@ -15,7 +15,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from subspace.evaluation.evaluator import SHARDED_MERGE, Evaluator
+from subspace.evaluation.evaluator import Evaluator
 from subspace.export.peft_adapter import export_peft_adapter, save_merged_model
 from subspace.families import family_for
 from subspace.methods.base import Method, RunContext
@@ -91,7 +91,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     evaluator = Evaluator(bundle, family, instantiate(cfg.eval.judge), cfg.eval.max_new_tokens, cfg.eval.batch_size,
                           cfg.system_prompt, apply=cfg.eval.apply)
     if evaluator.apply == "merged" and shards_the_model(cfg.trainer):
-        raise ValueError(f"{SHARDED_MERGE} (the {family.name} family is evaluated merged)")  # before the training
+        raise ValueError(f"eval.apply=merged (the {family.name} family is evaluated merged) adds the edit into whole "
+                         "weight tensors, which trainer=fsdp shards over the ranks: use eval.apply=hooks, or "
+                         "trainer=ddp where the model fits one device")  # refused before the training, not after
     method: Method = instantiate(cfg.method)
     make_trainer = partial(instantiate, cfg.trainer, callbacks=callbacks, logger=loggers or False,
                            default_root_dir=str(run_dir))

@@ -3,8 +3,6 @@ same, and the layers are restored after the block, also when it raises."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import pytest
 import torch
 
@@ -22,7 +20,7 @@ def subspace_gradient(family, tokenizer, checkpointed: bool) -> tuple[torch.Tens
     counters = [family.model.get_submodule(n).register_forward_hook(lambda *_: calls.append(1)) for n in names]
     batch = family.chat_batch(tokenizer, ["How do I bake bread?", "Tell me a joke about cats."])
     with ProjectionHooks.for_sites(family.model, names) as hooks, \
-            (checkpointed_layers(family.layers) if checkpointed else nullcontext()):
+            checkpointed_layers(family.layers, checkpointed):
         hooks.set(orthonormalize(raw), torch.full((len(names),), 0.8))
         family.response_logprobs(batch).logsumexp(-1).sum().backward()
     for handle in counters:

@@ -167,3 +167,23 @@ def test_evaluator_merged_generates_what_hooks_generate(tiny, family):
 def test_evaluator_with_a_bogus_apply_mode_refuses_to_merge(tiny, family):
     with pytest.raises(ValueError, match=r"eval.apply='bogus' must be one of \('hooks', 'merged'\)"):
         Evaluator(tiny, family, apply="bogus")
+
+
+def test_merge_refuses_a_sharded_parameter_and_leaves_it_untouched(tmp_path):
+    """trainer=fsdp shards weights into DTensors; a delta cannot be added into a shard, so merging says so."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        layer = torch.nn.Linear(4, 4, bias=False)
+        layer.weight = torch.nn.Parameter(distribute_tensor(layer.weight.detach(), init_device_mesh("cpu", (1,)),
+                                                            [Shard(0)]), requires_grad=False)
+        before = layer.weight.full_tensor().clone()
+        with pytest.raises(ValueError, match=r"'weight' is sharded .*trainer=fsdp.*eval.apply=hooks"):
+            with merged_deltas(layer, {"weight": torch.ones(4, 4)}):
+                pass
+        assert torch.equal(layer.weight.full_tensor(), before)
+    finally:
+        dist.destroy_process_group()

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Sequence, TypeVar
 
 T = TypeVar("T")
+REFUSAL_BUDGET = 0.05  # the budget the defaults were chosen with; a plan may state another
 
 
 def pick_point(points: Sequence[T], refusal: Sequence[float], kl: Sequence[float], refusal_budget: float) -> T:

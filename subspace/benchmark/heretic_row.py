@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from subspace.baselines.heretic import run_heretic
-from subspace.benchmark.choice import pick_point
+from subspace.benchmark.choice import REFUSAL_BUDGET, pick_point
 from subspace.benchmark.rows import Row
 from subspace.evaluation.evaluator import Evaluator
 from subspace.evaluation.metrics import ResponseKL
@@ -29,7 +29,7 @@ class HereticSettings:
     python: str = "/work/heretic-venv/bin/python"
     trials: int = 8
     timeout_s: float = 3600.0
-    refusal_budget: float = 0.05
+    refusal_budget: float = REFUSAL_BUDGET
 
 
 def unsupported(organism: str, family_name: str) -> Row | None:

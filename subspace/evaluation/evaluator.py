@@ -16,12 +16,9 @@ from subspace.evaluation.metrics import ResponseKL, RefusalRate
 from subspace.families.base import Family
 from subspace.interventions.edit import ProjectionEdit
 from subspace.models.bundle import ModelBundle
-from subspace.utils.sharded import is_sharded
 
 log = logging.getLogger(__name__)
 APPLY_MODES = ("hooks", "merged")
-SHARDED_MERGE = ("eval.apply=merged adds the edit into whole weight tensors, which trainer=fsdp has sharded over the "
-                 "ranks: use eval.apply=hooks (the activation form), or trainer=ddp where the model fits one device")
 
 
 @dataclass
@@ -59,8 +56,6 @@ class Evaluator:
         if edit is None:
             return nullcontext()
         model = self.bundle.model
-        if self.apply == "merged" and is_sharded(model):
-            raise ValueError(SHARDED_MERGE)
         if self.apply == "merged" and self.family.requires_weight_form and not edit.has_weight_form(model):
             log.info("this edit has no weight form (module-output sites: moe_scope=layer_output, or edit_at=residual): "
                      "evaluated with hooks, on every module running the site's weights")

@@ -22,6 +22,7 @@ from typing import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 _ACTIVE: set[int] = set()  # storage pointers currently merged, across all models
 _ACTIVE_LOCK = threading.Lock()
@@ -52,6 +53,10 @@ def _resolve(params: Mapping[str, nn.Parameter], name: str, delta: Tensor) -> nn
         raise ValueError(f"unknown parameter {name!r}; valid names are parameter names such as {valid}, … "
                          f"({len(params)} in all)")
     param = params[name]
+    if isinstance(param, DTensor):
+        raise ValueError(f"{name!r} is sharded over several processes (trainer=fsdp): a delta can only be merged into "
+                         "a whole tensor; project activations instead (eval.apply=hooks), or use trainer=ddp where the "
+                         "model fits one device")
     if tuple(delta.shape) != tuple(param.shape):
         raise ValueError(f"delta for {name!r} has shape {tuple(delta.shape)}, "
                          f"expected the parameter's {tuple(param.shape)}")

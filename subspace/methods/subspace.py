@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -108,8 +107,7 @@ class Subspace:
         if ctx.make_trainer is None:
             raise ValueError("method=subspace needs a Lightning trainer (cfg.trainer)")
         trainer = ctx.make_trainer()
-        checkpointing = checkpointed_layers(fam.layers) if self.gradient_checkpointing else nullcontext()
-        with module.hooks, checkpointing:
+        with module.hooks, checkpointed_layers(fam.layers, self.gradient_checkpointing):
             trainer.fit(module, datamodule=datamodule, ckpt_path=ctx.ckpt_path)
         ctx.report["steps"] = trainer.global_step
         ctx.report["expert_edit_paths"] = {site.name: path for site, path in zip(module.hooks.sites, module.hooks.paths)

@@ -9,7 +9,6 @@ overhead the projection hooks and the subspace add.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -80,7 +79,7 @@ def profile_training_step(family: Family, batch_size: int, prompt_length: int, r
         (refusal + kl_weight * kl).backward()
         probe.grad = None
 
-    with module.hooks, (checkpointed_layers(family.layers) if gradient_checkpointing else nullcontext()):
+    with module.hooks, checkpointed_layers(family.layers, gradient_checkpointing):
         step = timed(training_step, device, steps, warmup)
     handle = family.model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out + probe)
     try:

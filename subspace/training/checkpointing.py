@@ -18,8 +18,12 @@ from torch.utils.checkpoint import checkpoint
 
 
 @contextmanager
-def checkpointed_layers(layers: nn.ModuleList) -> Iterator[None]:
-    """Inside the block every layer's forward is checkpointed; after it, however it ends, the layers are as before."""
+def checkpointed_layers(layers: nn.ModuleList, enabled: bool = True) -> Iterator[None]:
+    """Inside the block every layer's forward is checkpointed (unless not `enabled`); after it, however it ends, the
+    layers are as before."""
+    if not enabled:
+        yield
+        return
     own = [layer.__dict__.get("forward") for layer in layers]  # a forward set on the instance, kept as it was
     try:
         for layer in layers:
