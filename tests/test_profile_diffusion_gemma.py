@@ -72,3 +72,15 @@ def test_profile_script_meta_only(tmp_path):
     assert estimate["expert_weight_copies_gib"] == 0  # its experts sum linearly: edited at their output, no copies
     assert report["fused_expert_sites"] == {"edited_at_output": 30, "projected_weight_copies": 0}
     assert "training" not in report
+
+
+def test_training_step_is_measured_on_a_tiny_diffusion_gemma():
+    """The benchmark's overhead line on the DiffusionGemma organism: its config nests vocab_size in the text config."""
+    from subspace.models.tiny import tiny_diffusion_gemma
+    from subspace.profiling.measure import profile_training_step
+
+    model = tiny_diffusion_gemma().model
+    assert not hasattr(model.config, "vocab_size")
+    report = profile_training_step(family_for(model), batch_size=2, prompt_length=8, rank=2, kl_weight=1.0,
+                                   steps=1, warmup=1)
+    assert report["step_overhead_ratio"] > 0 and report["edited_sites"] == 6
