@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from subspace.evaluation.evaluator import Evaluator
 from subspace.export.peft_adapter import export_peft_adapter, save_merged_model
 from subspace.families import family_for
+from subspace.interventions.merge import SHARDED_MERGE
 from subspace.methods.base import Method, RunContext
 from subspace.reporting import git_commit, git_dirty, print_summary, versions
 from subspace.utils.io import write_json, write_jsonl
@@ -91,9 +92,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     evaluator = Evaluator(bundle, family, instantiate(cfg.eval.judge), cfg.eval.max_new_tokens, cfg.eval.batch_size,
                           cfg.system_prompt, apply=cfg.eval.apply)
     if evaluator.apply == "merged" and shards_the_model(cfg.trainer):
-        raise ValueError(f"eval.apply=merged (the {family.name} family is evaluated merged) adds the edit into whole "
-                         "weight tensors, which trainer=fsdp shards over the ranks: use eval.apply=hooks, or "
-                         "trainer=ddp where the model fits one device")  # refused before the training, not after
+        raise ValueError(f"eval.apply=merged (the {family.name} family is evaluated merged) under trainer=fsdp, which "
+                         f"shards the weights over the ranks: {SHARDED_MERGE}")  # refused before the training, not after
     method: Method = instantiate(cfg.method)
     make_trainer = partial(instantiate, cfg.trainer, callbacks=callbacks, logger=loggers or False,
                            default_root_dir=str(run_dir))

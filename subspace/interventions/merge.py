@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+SHARDED_MERGE = ("a delta can only be merged into a whole tensor: use eval.apply=hooks (the edit on activations), "
+                 "or trainer=ddp where the model fits one device")
 _ACTIVE: set[int] = set()  # storage pointers currently merged, across all models
 _ACTIVE_LOCK = threading.Lock()
 
@@ -54,9 +56,7 @@ def _resolve(params: Mapping[str, nn.Parameter], name: str, delta: Tensor) -> nn
                          f"({len(params)} in all)")
     param = params[name]
     if isinstance(param, DTensor):
-        raise ValueError(f"{name!r} is sharded over several processes (trainer=fsdp): a delta can only be merged into "
-                         "a whole tensor; project activations instead (eval.apply=hooks), or use trainer=ddp where the "
-                         "model fits one device")
+        raise ValueError(f"{name!r} is sharded over several processes (trainer=fsdp): {SHARDED_MERGE}")
     if tuple(delta.shape) != tuple(param.shape):
         raise ValueError(f"delta for {name!r} has shape {tuple(delta.shape)}, "
                          f"expected the parameter's {tuple(param.shape)}")

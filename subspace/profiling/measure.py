@@ -40,7 +40,7 @@ def timed(fn: Callable[[], object], device: torch.device, steps: int, warmup: in
 
 def random_prompts(family: Family, batch_size: int, length: int, generator: torch.Generator) -> dict[str, Tensor]:
     """Random token ids below the mask token (if any), all attended: a stand-in for chat-templated prompts."""
-    vocab = family.model.get_input_embeddings().num_embeddings  # not config.vocab_size: nested configs lack it
+    vocab = family.model.config.get_text_config().vocab_size  # composite configs (DiffusionGemma) keep it there
     high = min(vocab, getattr(family, "mask_id", vocab))
     ids = torch.randint(0, high, (batch_size, length), generator=generator).to(family.model.device)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
