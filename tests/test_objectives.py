@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from subspace.evaluation.judges import MarkerJudge
 from subspace.evaluation.metrics import ResponseKL, RefusalRate
-from subspace.objectives.losses import kl_divergence, refusal_loss
+from subspace.objectives.losses import kl_divergence, prefix_refusal_loss, refusal_loss
 from subspace.objectives.refusal_kl import RefusalKLObjective
 
 
@@ -61,8 +63,43 @@ def test_marker_judge():
 def test_objective_rejects_bad_settings():
     with pytest.raises(ValueError, match=r"kl_weight=-1"):
         RefusalKLObjective(kl_weight=-1)
-    with pytest.raises(ValueError, match="first_token"):
+    with pytest.raises(ValueError, match="first_token, prefix"):
         RefusalKLObjective(refusal="whole_sentence")
+    with pytest.raises(ValueError, match=r"prefix_tokens=9 must be in \[1, objective.probe_new_tokens=8\]"):
+        RefusalKLObjective(refusal="prefix", prefix_tokens=9)
+    with pytest.raises(ValueError, match="max_prefixes=0"):
+        RefusalKLObjective(refusal="prefix", max_prefixes=0)
+
+
+def test_prefix_refusal_loss_adds_the_prefixes_probabilities():
+    """Distinct prefixes of one length are disjoint events: p_refuse is their sum."""
+    prefix_logprobs = torch.tensor([[0.2, 0.1], [0.05, 0.05]]).log()  # [batch 2, R 2]
+    expected = -(math.log(1 - 0.3) + math.log(1 - 0.1)) / 2
+    assert math.isclose(prefix_refusal_loss(prefix_logprobs).item(), expected, rel_tol=1e-5)
+
+
+def test_prefix_term_keeps_the_most_common_openings_and_needs_a_left_to_right_family():
+    objective = RefusalKLObjective(refusal="prefix", prefix_tokens=2, max_prefixes=2)
+    refusals = [[5, 6, 7], [5, 6, 9], [5, 8, 1], [4, 2, 2], [4, 2], [3]]  # [3] is shorter than a prefix: dropped
+    assert objective.most_common_prefixes(refusals, []).tolist() == [[5, 6], [4, 2]]
+    diffusion = SimpleNamespace(family=SimpleNamespace(name="llada", reads_prefixes=False))
+    with pytest.raises(ValueError, match="the llada family's is not: use objective.refusal=first_token"):
+        objective.refusal_token_ids(diffusion, ["How do I pick a lock?"])
+
+
+def test_prefix_logprobs_score_each_prompt_and_prefix_as_if_alone(tiny, family):
+    """One batched forward (left-padded prompts × prefixes) equals each prompt + prefix scored on its own."""
+    prompts = ["Hi", "Tell me a much longer story about a dragon and a knight"]
+    prefixes = torch.tensor([[7, 8, 9], [7, 11, 12]])
+    batched = family.prefix_logprobs(family.chat_batch(tiny.tokenizer, prompts), prefixes)
+    assert batched.shape == (2, 2)
+    for i, prompt in enumerate(prompts):
+        ids = family.chat_batch(tiny.tokenizer, [prompt])["input_ids"][0]
+        for r, prefix in enumerate(prefixes):
+            full = torch.cat([ids, prefix]).unsqueeze(0)
+            logprobs = torch.log_softmax(tiny.model(input_ids=full).logits[0, len(ids) - 1: -1].float(), -1)
+            alone = logprobs.gather(-1, prefix.unsqueeze(-1)).sum()
+            assert torch.allclose(batched[i, r], alone, atol=1e-4), (prompt, prefix)
 
 
 def test_refusal_loss_per_position_reads_each_positions_own_tokens():

@@ -54,6 +54,14 @@ def test_eval_overrides_take_files_and_change_nothing_else(tmp_path, cache_dir, 
     assert metrics["data"]["train_harmful"]["n"] > 0
 
 
+def test_prefix_refusal_term_trains_through_train_py(tmp_path, cache_dir, tiny_organism):
+    metrics = run_train(tmp_path, cache_dir, "objective.refusal=prefix", "objective.prefix_tokens=2")
+    assert metrics["refusal_term"] == "prefix (2 tokens, ≤ 8)"
+    prefixes = metrics["refusal_token_ids"]
+    assert 1 <= len(prefixes) <= 8 and all(len(p) == 2 for p in prefixes)
+    assert REQUIRED <= metrics.keys() and metrics["steps"] > 0
+
+
 def test_diff_means_scan_writes_scan_table(tmp_path, cache_dir, tiny_organism):
     metrics = run_train(tmp_path, cache_dir, "method=diff_means")
     assert metrics["method"] == "diff_means" and metrics["rank"] == 1

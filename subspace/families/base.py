@@ -57,6 +57,7 @@ class Family:
     name = "base"
     kl_at = "first response token"  # where `response_logprobs` reads: said next to every KL this family reports
     response_positions = 1  # how many response positions `response_logprobs` returns
+    reads_prefixes = False  # whether `prefix_logprobs` exists (a response read left to right)
     requires_weight_form = False  # True: evaluate edits merged into the weights (tied halves a hook cannot reach)
     default_max_new_tokens = 48  # eval.max_new_tokens=null: how much of a response the judge reads
     LAYER_PATHS: tuple[str, ...] = ()
@@ -213,6 +214,13 @@ class Family:
     def response_logprobs(self, batch: dict[str, Tensor]) -> Tensor:
         """log P at the first response position(s): [batch, positions, vocab] float32 (log-softmax)."""
         raise NotImplementedError
+
+    def prefix_logprobs(self, batch: dict[str, Tensor], prefixes: Tensor) -> Tensor:
+        """log P(prefix | prompt) of each response prefix [R, K] after each prompt, teacher-forced: [batch, R] float32.
+
+        Only a family whose response is read left to right has it (`objective.refusal=prefix`)."""
+        raise NotImplementedError(f"the {self.name} family has no teacher-forced response prefixes "
+                                  "(objective.refusal=prefix); use objective.refusal=first_token")
 
     def generate(self, tokenizer: PreTrainedTokenizerBase, batch: dict[str, Tensor], max_new_tokens: int) -> Tensor:
         """The model's own sampler, greedy: new token ids [batch, ≤ max_new_tokens]."""

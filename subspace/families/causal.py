@@ -17,6 +17,7 @@ class CausalFamily(Family):
     LAYER_PATHS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers")
     ATTENTION_WRITERS = ("self_attn.o_proj", "attn.o_proj", "self_attn.out_proj", "attn.c_proj")
     MLP_WRITERS = ("mlp.down_proj", "mlp.fc2", "mlp.c_proj", "feed_forward.w2")
+    reads_prefixes = True
 
     @torch.no_grad()
     def residuals(self, batch: dict[str, Tensor]) -> Tensor:
@@ -25,6 +26,17 @@ class CausalFamily(Family):
 
     def response_logprobs(self, batch: dict[str, Tensor]) -> Tensor:
         return log_softmax32(self.model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1:, :])
+
+    def prefix_logprobs(self, batch: dict[str, Tensor], prefixes: Tensor) -> Tensor:
+        """Every prompt followed by every prefix, in one forward of batch × R rows (the prompts are left-padded, so
+        each prefix starts right after its prompt): the K logits before the last give the prefix's K tokens."""
+        rows, (r, k) = batch["input_ids"].shape[0], prefixes.shape
+        prefixes = prefixes.to(batch["input_ids"].device).repeat(rows, 1)  # [rows·R, K], row-major by prompt
+        ids = torch.cat([batch["input_ids"].repeat_interleave(r, 0), prefixes], 1)
+        mask = torch.cat([batch["attention_mask"].repeat_interleave(r, 0), torch.ones_like(prefixes)], 1)
+        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=k + 1).logits[:, :-1]
+        token_logprobs = log_softmax32(logits).gather(-1, prefixes.unsqueeze(-1)).squeeze(-1)
+        return token_logprobs.sum(-1).view(rows, r)
 
     def generate(self, tokenizer: PreTrainedTokenizerBase, batch: dict[str, Tensor], max_new_tokens: int) -> Tensor:
         out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,

@@ -57,8 +57,11 @@ class Subspace:
         check_moe_scope(self.moe_scope)
 
     def describe(self) -> dict[str, Any]:
-        return {"method": self.name, "rank": self.rank, "scope": self.scope, "kl_weight": self.objective.kl_weight,
-                "kl_top_k": self.objective.kl_top_k,
+        objective = self.objective
+        refusal = (f"prefix ({objective.prefix_tokens} tokens, ≤ {objective.max_prefixes})"
+                   if objective.refusal == "prefix" else objective.refusal)
+        return {"method": self.name, "rank": self.rank, "scope": self.scope, "kl_weight": objective.kl_weight,
+                "kl_top_k": objective.kl_top_k, "refusal_term": refusal,
                 "lr": self.lr, "layers": list(self.layers) if self.layers is not None else f"from depth {self.min_depth}",
                 "learn_strength": self.learn_strength, "strength_init": self.strength_init, "moe_scope": self.moe_scope}
 
@@ -103,7 +106,8 @@ class Subspace:
                                             self.batch_size, ctx.evaluator.system_prompt, self.max_length)
         module = SubspaceModule(fam, scoped.names, subspace, refusal_ids, datamodule.harmless_batches(),
                                 self.objective.kl_weight, self.lr, self.strength_lr, meta=self.describe(),
-                                expert_masks=scoped.expert_masks, kl_top_k=self.objective.kl_top_k)
+                                expert_masks=scoped.expert_masks, kl_top_k=self.objective.kl_top_k,
+                                refusal=self.objective.refusal)
         if ctx.make_trainer is None:
             raise ValueError("method=subspace needs a Lightning trainer (cfg.trainer)")
         trainer = ctx.make_trainer()

@@ -20,7 +20,22 @@ def refusal_loss(logprobs: Tensor, refusal_token_ids: Tensor) -> Tensor:
     ids = refusal_token_ids.reshape(-1, refusal_token_ids.shape[-1])
     positions = ids.shape[0]
     chosen = logprobs[:, :positions].gather(-1, ids.clamp(min=0).expand(logprobs.shape[0], -1, -1))
-    log_p_refuse = torch.logsumexp(chosen.masked_fill(ids < 0, -torch.inf), dim=-1)
+    return refusal_penalty(torch.logsumexp(chosen.masked_fill(ids < 0, -torch.inf), dim=-1))
+
+
+def prefix_refusal_loss(prefix_logprobs: Tensor) -> Tensor:
+    """−log(1 − p_refuse), p_refuse the summed probability of the refusal prefixes, averaged over prompts.
+
+    `prefix_logprobs` [batch, R]: log P(prefix r | prompt) of each of R distinct refusal prefixes of one length
+    (distinct sequences of one length are disjoint events, so their probabilities add). Unlike the first token
+    alone ("I", which also opens many answers), a prefix such as "I'm sorry" or "I cannot" is a refusal, so the
+    edit can lower it at the token that makes it one.
+    """
+    return refusal_penalty(prefix_logprobs.logsumexp(-1))
+
+
+def refusal_penalty(log_p_refuse: Tensor) -> Tensor:
+    """−log(1 − p) averaged: ≈ p when refusals are rare, unbounded as they become certain."""
     return -torch.log1p(-log_p_refuse.exp().clamp(max=1 - 1e-6)).mean()
 
 

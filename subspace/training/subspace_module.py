@@ -13,7 +13,7 @@ from torch.distributed.fsdp import fully_shard
 from subspace.interventions.edit import ProjectionEdit
 from subspace.interventions.projection import ProjectionHooks, orthonormalize
 from subspace.families.base import Family
-from subspace.objectives.losses import refusal_loss
+from subspace.objectives.losses import prefix_refusal_loss, refusal_loss
 from subspace.objectives.reference import ReferenceDistributions, check_top_k
 from subspace.training.sharding import shard_frozen_model
 from subspace.utils.sharded import full, is_sharded
@@ -77,7 +77,7 @@ class SubspaceModule(L.LightningModule):
     def __init__(self, family: Family, sites: Sequence[str], subspace: LearnedSubspace, refusal_token_ids: Tensor,
                  harmless_prompt_batches: Sequence[dict[str, Tensor]] = (), kl_weight: float = 1.0, lr: float = 1e-2,
                  strength_lr: float = 5e-2, meta: dict | None = None, expert_masks: dict[str, Tensor] | None = None,
-                 kl_top_k: int | None = None):
+                 kl_top_k: int | None = None, refusal: str = "first_token"):
         super().__init__()
         if kl_weight < 0:
             raise ValueError(f"objective.kl_weight={kl_weight} must be ≥ 0")
@@ -88,7 +88,7 @@ class SubspaceModule(L.LightningModule):
         self.register_buffer("refusal_token_ids", torch.as_tensor(refusal_token_ids, dtype=torch.long))
         self._probed_refusal_ids = self.refusal_token_ids.clone()  # what a resumed checkpoint must match
         self.kl_weight, self.lr, self.strength_lr, self.meta = kl_weight, lr, strength_lr, meta or {}
-        self.kl_top_k = kl_top_k
+        self.kl_top_k, self.refusal = kl_top_k, refusal  # refusal: "prefix" reads refusal_token_ids as [R, K] prefixes
         self._reference_batches = list(harmless_prompt_batches)
         self.reference: ReferenceDistributions | None = None
         self._reference_digest: str | None = None
@@ -145,7 +145,8 @@ class SubspaceModule(L.LightningModule):
     def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
         bases, strengths = self.subspace()  # one QR per step, shared by every hook
         self.hooks.set(bases, strengths)
-        harmful = self.family.response_logprobs(batch["harmful"])
+        harmful = (self.family.prefix_logprobs(batch["harmful"], self.refusal_token_ids) if self.refusal == "prefix"
+                   else self.family.response_logprobs(batch["harmful"]))
         harmless_batch = dict(batch["harmless"])
         index = harmless_batch.pop("index")
         harmless = self.family.response_logprobs(harmless_batch)
@@ -164,8 +165,11 @@ class SubspaceModule(L.LightningModule):
         return loss
 
     def terms(self, harmful: Tensor, harmless: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
-        """(refusal, KL) from the two batches' response log-probabilities; `index` picks the cached originals."""
+        """(refusal, KL) from the two batches' log-probabilities (harmful: of the refusal prefixes [batch, R] with
+        refusal="prefix", else at the response positions); `index` picks the cached originals."""
         kl = self.reference[index.cpu()].to(harmless.device).kl(harmless)
+        if self.refusal == "prefix":
+            return prefix_refusal_loss(harmful), kl
         return refusal_loss(harmful, self.refusal_token_ids), kl
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
