@@ -319,3 +319,18 @@ def test_jsonl_object_missing_column_names_line(tmp_path):
 def test_path_source_object(tmp_path):
     p = write(tmp_path / "a.txt", "x\n")
     assert load_prompts(Path(p)) == load_prompts(str(p)) == ["x"]
+
+
+def test_shipped_sets_share_no_prompt():
+    """What the organism trains on, what a recipe is chosen on and what the README reports are disjoint
+    (results/causal_organism_v5/plan.md relies on it), case-insensitively."""
+    names = ["harmful_train", "harmless_train", "lookalike_train", "lookalike_train_more",  # trained on
+             "harmful_heldout", "harmless_heldout", "lookalike_select",  # organism_sets=select
+             "lookalike_heldout"]  # organism_sets=val
+    seen: dict[str, str] = {}
+    for name in names:
+        prompts = [p.lower() for p in load_prompts(f"builtin:{name}")]
+        assert len(set(prompts)) == len(prompts), f"builtin:{name} repeats a prompt"
+        shared = {p: seen[p] for p in prompts if p in seen}
+        assert not shared, f"builtin:{name} shares prompts with other sets: {list(shared.items())[:3]}"
+        seen.update(dict.fromkeys(prompts, name))

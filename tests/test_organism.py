@@ -48,19 +48,26 @@ def test_a_failed_build_leaves_nothing_that_looks_finished(tmp_path):
     assert build_once(str(tmp_path), "org", "k", lambda folder: {"ok": True}).joinpath("organism.json").exists()
 
 
-def run_evaluate_organism(tmp_path, cache_dir, model: str) -> None:
+VAL_SETS = ("harmful_val", "harmless_val", "lookalike_heldout")
+SELECT_SETS = ("harmful_select", "harmless_select", "lookalike_select")
+
+
+def run_evaluate_organism(tmp_path, cache_dir, model: str, sets: tuple[str, ...] = VAL_SETS,
+                          *overrides: str) -> None:
     """scripts/evaluate_organism.py on 3 prompts of each set, as a user runs it, writing into tmp_path."""
-    limits = [f"sets.{name}.limit=3" for name in ("harmful_val", "harmless_val", "lookalike_heldout")]
+    limits = [f"sets.{name}.limit=3" for name in sets]
     cmd = [sys.executable, str(ROOT / "scripts" / "evaluate_organism.py"), f"model={model}",
-           f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path}", "eval.max_new_tokens=4", *limits]
+           f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path}", "eval.max_new_tokens=4", *limits, *overrides]
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_evaluate_organism_script_reports_every_set(tmp_path, cache_dir, tiny_organism):
-    """scripts/evaluate_organism.py as a user runs it (also guards its imports against scripts/profile.py
-    shadowing the standard library's `profile`)."""
-    run_evaluate_organism(tmp_path, cache_dir, "tiny_organism")
+@pytest.mark.parametrize("split, sets", [("val", VAL_SETS), ("select", SELECT_SETS)])
+def test_evaluate_organism_script_reports_every_set(tmp_path, cache_dir, tiny_organism, split, sets):
+    """scripts/evaluate_organism.py as a user runs it, on the report sets or the selection sets (also guards its
+    imports against scripts/profile.py shadowing the standard library's `profile`)."""
+    run_evaluate_organism(tmp_path, cache_dir, "tiny_organism", sets, f"organism_sets={split}")
     report = json.loads((tmp_path / "organism_quality.json").read_text())
-    for name in ("harmful_val", "harmless_val", "lookalike_heldout"):
+    assert {k for k in report if k not in ("model", "model_source")} == set(sets)
+    for name in sets:
         assert report[name]["n"] == 3 and 0 <= report[name]["refusal_rate"] <= 1
