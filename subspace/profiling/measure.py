@@ -75,7 +75,7 @@ def profile_training_step(family: Family, batch_size: int, prompt_length: int, r
     probe = torch.zeros(family.hidden_size, device=device, dtype=family.model.dtype, requires_grad=True)
 
     def frozen_forward_backward() -> None:
-        refusal, kl = module.terms(family.response_logprobs(harmful), family.response_logprobs(harmless),
+        refusal, kl = module.terms(module.harmful_logprobs(harmful), family.response_logprobs(harmless),
                                    torch.arange(batch_size))
         (refusal + kl_weight * kl).backward()
         probe.grad = None

@@ -88,7 +88,8 @@ class SubspaceModule(L.LightningModule):
         self.register_buffer("refusal_token_ids", torch.as_tensor(refusal_token_ids, dtype=torch.long))
         self._probed_refusal_ids = self.refusal_token_ids.clone()  # what a resumed checkpoint must match
         self.kl_weight, self.lr, self.strength_lr, self.meta = kl_weight, lr, strength_lr, meta or {}
-        self.kl_top_k, self.refusal = kl_top_k, refusal  # refusal: "prefix" reads refusal_token_ids as [R, K] prefixes
+        self.kl_top_k = kl_top_k
+        self.refusal = refusal  # "prefix": refusal_token_ids are [R, K] refusal openings, scored teacher-forced
         self._reference_batches = list(harmless_prompt_batches)
         self.reference: ReferenceDistributions | None = None
         self._reference_digest: str | None = None
@@ -145,8 +146,7 @@ class SubspaceModule(L.LightningModule):
     def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
         bases, strengths = self.subspace()  # one QR per step, shared by every hook
         self.hooks.set(bases, strengths)
-        harmful = (self.family.prefix_logprobs(batch["harmful"], self.refusal_token_ids) if self.refusal == "prefix"
-                   else self.family.response_logprobs(batch["harmful"]))
+        harmful = self.harmful_logprobs(batch["harmful"])
         harmless_batch = dict(batch["harmless"])
         index = harmless_batch.pop("index")
         harmless = self.family.response_logprobs(harmless_batch)
@@ -164,13 +164,20 @@ class SubspaceModule(L.LightningModule):
             logprobs.retain_grad()  # to tell, if a gradient turns non-finite, which term's it was
         return loss
 
-    def terms(self, harmful: Tensor, harmless: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
-        """(refusal, KL) from the two batches' log-probabilities (harmful: of the refusal prefixes [batch, R] with
-        refusal="prefix", else at the response positions); `index` picks the cached originals."""
-        kl = self.reference[index.cpu()].to(harmless.device).kl(harmless)
+    def harmful_logprobs(self, batch: dict[str, Tensor]) -> Tensor:
+        """What the refusal term reads: log P of each refusal prefix [batch, R] (refusal="prefix"), else the
+        log-probabilities at the response positions."""
         if self.refusal == "prefix":
-            return prefix_refusal_loss(harmful), kl
-        return refusal_loss(harmful, self.refusal_token_ids), kl
+            return self.family.prefix_logprobs(batch, self.refusal_token_ids)
+        return self.family.response_logprobs(batch)
+
+    def terms(self, harmful: Tensor, harmless: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        """(refusal, KL) from `harmful_logprobs` and the harmless response log-probabilities; `index` picks the
+        cached originals."""
+        kl = self.reference[index.cpu()].to(harmless.device).kl(harmless)
+        refusal = (prefix_refusal_loss(harmful) if self.refusal == "prefix"
+                   else refusal_loss(harmful, self.refusal_token_ids))
+        return refusal, kl
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Stop before a non-finite gradient reaches the subspace (and so any checkpoint)."""
