@@ -323,7 +323,7 @@ def test_path_source_object(tmp_path):
 
 def test_shipped_sets_share_no_prompt():
     """What the organism trains on, what a recipe is chosen on and what the README reports are disjoint
-    (results/causal_organism_v5/plan.md relies on it), case-insensitively."""
+    (results/causal_organism/v5/plan.md relies on it), case-insensitively."""
     names = ["harmful_train", "harmless_train", "lookalike_train", "lookalike_train_more",  # trained on
              "harmful_heldout", "harmless_heldout", "lookalike_select",  # organism_sets=select
              "lookalike_heldout"]  # organism_sets=val
