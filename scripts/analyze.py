@@ -17,7 +17,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-# the repository root instead of scripts/, whose profile.py would shadow the standard library's `profile`
+# the repository root first on the path, so the script imports this checkout's subspace package
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 from subspace.config import register_resolvers  # noqa: E402
 

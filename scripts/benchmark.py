@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-# The repository root replaces this script's folder on the path (scripts/profile.py would shadow the standard library's).
+# the repository root first on the path, so the script imports this checkout's subspace package
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 from subspace.config import REPO_ROOT, register_resolvers  # noqa: E402
 

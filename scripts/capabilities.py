@@ -16,7 +16,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-# the repository root instead of scripts/, whose profile.py would shadow the standard library's `profile`
+# the repository root first on the path, so the script imports this checkout's subspace package
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 from subspace.config import register_resolvers  # noqa: E402
 

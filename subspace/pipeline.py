@@ -25,8 +25,9 @@ from subspace.utils.io import write_json, write_jsonl
 from subspace.utils.sharded import is_sharded
 
 log = logging.getLogger(__name__)
-REPORT_KEYS = ("refusal_rate_before", "refusal_rate_after", "harmless_refusal_rate_before",
-               "harmless_refusal_rate_after", "kl", "n_harmful", "n_harmless")
+REPORT_KEYS = tuple(f"{prefix}{verdict}_rate_{state}" for prefix in ("", "harmless_")
+                    for verdict in ("answer", "refusal", "broken") for state in ("before", "after")) + (
+    "kl", "kl_response", "n_harmful", "n_harmless")
 
 
 def check_output_dir(run_dir: Path, overwrite: bool) -> None:
@@ -57,8 +58,10 @@ def resume_checkpoint(ckpt_path: str | None, callbacks: list) -> str | None:
 
 def selection_metrics(evaluator: Evaluator, data, edit) -> dict[str, float]:
     """Refusal and KL on the held-back training prompts: what sweeps and tuning may look at (never eval_*)."""
-    rate, _, _ = evaluator.refusals(data["select_harmful"], edit, "select harmful after")
-    return {"select_refusal_rate_after": rate, "select_kl": evaluator.kl(data["select_harmless"], edit)}
+    _, verdicts = evaluator.judged(data["select_harmful"], edit, "select harmful after")
+    return {"select_refusal_rate_after": verdicts.count("refusal") / len(verdicts),
+            "select_answer_rate_after": verdicts.count("answer") / len(verdicts),
+            "select_kl": evaluator.kl(data["select_harmless"], edit)}
 
 
 def shards_the_model(trainer: DictConfig) -> bool:
@@ -90,7 +93,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     family = family_for(bundle.model, cfg.long_prompts, **bundle.family_options)
     data = instantiate(cfg.data)
     evaluator = Evaluator(bundle, family, instantiate(cfg.eval.judge), cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                          cfg.system_prompt, apply=cfg.eval.apply)
+                          cfg.system_prompt, apply=cfg.eval.apply, kl_response_tokens=cfg.eval.kl_response_tokens)
     if evaluator.apply == "merged" and shards_the_model(cfg.trainer):
         raise ValueError(f"eval.apply=merged (the {family.name} family is evaluated merged) under trainer=fsdp, which "
                          f"shards the weights over the ranks: {SHARDED_MERGE}")  # refused before the training, not after
@@ -109,7 +112,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if rank_zero_only.rank == 0:
         edit.save(run_dir / "edit.safetensors")  # before the evaluation, which may take long or fail
     # a sharded model (trainer=fsdp) gathers every rank's shards in each forward, so every rank evaluates in step
-    results, samples = evaluator.before_after(data["eval_harmful"], data["eval_harmless"], edit)
+    categories = {split: data.categories(f"eval_{split}") for split in ("harmful", "harmless")}
+    results, samples = evaluator.before_after(data["eval_harmful"], data["eval_harmless"], edit, categories)
     if cfg.eval.on_select and data["select_harmful"]:
         results |= selection_metrics(evaluator, data, edit)
     factors = edit.lora_factors(bundle.model) if edit.has_weight_form(bundle.model) else None  # a collective

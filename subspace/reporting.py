@@ -43,14 +43,21 @@ def print_summary(metrics: dict[str, Any], warnings: list[str], console: Console
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
-    table.add_row(f"refusal (harmful, n={metrics['n_harmful']})", pct(metrics["refusal_rate_before"]),
-                  pct(metrics["refusal_rate_after"]))
-    table.add_row(f"refusal (harmless, n={metrics['n_harmless']})", pct(metrics["harmless_refusal_rate_before"]),
-                  pct(metrics["harmless_refusal_rate_after"]))
+    for split, prefix, n in (("harmful", "", metrics["n_harmful"]), ("harmless", "harmless_", metrics["n_harmless"])):
+        for verdict in ("answer", "refusal", "broken"):
+            key = f"{prefix}{verdict}_rate"
+            if f"{key}_before" in metrics:
+                table.add_row(f"{verdict} ({split}, n={n})", pct(metrics[f"{key}_before"]), pct(metrics[f"{key}_after"]))
+        if f"{prefix}marker_refusal_rate_before" in metrics:
+            table.add_row(f"  marker judge's refusal ({split})", pct(metrics[f"{prefix}marker_refusal_rate_before"]),
+                          pct(metrics[f"{prefix}marker_refusal_rate_after"]))
     table.add_row(f"KL(original ‖ edited), {metrics.get('kl_at', 'first token')}", "", f"{metrics['kl']:.4f}")
+    if "kl_response" in metrics:
+        table.add_row(f"KL over the first {metrics['kl_response_tokens']} answer tokens", "", f"{metrics['kl_response']:.4f}")
     table.add_row("wall time", "", f"{metrics['wall_time_s']:.0f} s")
     console = console or Console()
     console.print(table)
-    console.print(f"run directory: {metrics['run_dir']}")
+    console.print(f"judge: {metrics.get('judge')}, {metrics.get('max_new_tokens')} new tokens · "
+                  f"run directory: {metrics['run_dir']}")
     for w in warnings:
         console.print(f"[bold yellow]warning:[/] {w}")

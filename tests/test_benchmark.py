@@ -40,6 +40,7 @@ def test_benchmark_script_end_to_end(tmp_path, cache_dir, tiny_organism):
     out = tmp_path / "bench"
     common = f"paths.cache_dir={cache_dir}"
     cmd = [sys.executable, str(ROOT / "scripts/benchmark.py"), "model=tiny_organism", common, f"hydra.run.dir={out}",
+           "eval/judge=three_way_text",
            f"train_overrides=['debug=fast','logger=csv','{common}']", "heretic.python=/nonexistent/bin/python",
            "row_overrides.diff_means=['method.scan_layers=[1,2]']",
            "overhead.steps=2", "overhead.warmup=1"]

@@ -57,15 +57,15 @@ def run_evaluate_organism(tmp_path, cache_dir, model: str, sets: tuple[str, ...]
     """scripts/evaluate_organism.py on 3 prompts of each set, as a user runs it, writing into tmp_path."""
     limits = [f"sets.{name}.limit=3" for name in sets]
     cmd = [sys.executable, str(ROOT / "scripts" / "evaluate_organism.py"), f"model={model}",
-           f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path}", "eval.max_new_tokens=4", *limits, *overrides]
+           f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path}", "eval.max_new_tokens=4", "eval/judge=three_way_text",
+           *limits, *overrides]
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("split, sets", [("val", VAL_SETS), ("select", SELECT_SETS)])
 def test_evaluate_organism_script_reports_every_set(tmp_path, cache_dir, tiny_organism, split, sets):
-    """scripts/evaluate_organism.py as a user runs it, on the report sets or the selection sets (also guards its
-    imports against scripts/profile.py shadowing the standard library's `profile`)."""
+    """scripts/evaluate_organism.py as a user runs it, on the report sets or the selection sets."""
     run_evaluate_organism(tmp_path, cache_dir, "tiny_organism", sets, f"organism_sets={split}")
     report = json.loads((tmp_path / "organism_quality.json").read_text())
     assert {k for k in report if k not in ("model", "model_source")} == set(sets)

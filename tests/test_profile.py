@@ -1,4 +1,4 @@
-"""scripts/profile.py: real architectures with random weights, counted on meta and measured on tiny ones."""
+"""scripts/profile_step.py: real architectures with random weights, counted on meta and measured on tiny ones."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_truncated_layers_and_their_bounds():
 
 
 def test_profile_script_measures_step_and_sampler_on_cpu(tmp_path):
-    cmd = [sys.executable, str(ROOT / "scripts" / "profile.py"), "architecture=tiny_llada", "dtype=float32",
+    cmd = [sys.executable, str(ROOT / "scripts" / "profile_step.py"), "architecture=tiny_llada", "dtype=float32",
            "steps=1", "warmup=0", "gen_length=8", f"hydra.run.dir={tmp_path}"]
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""scripts/profile.py on DiffusionGemma-26B-A4B's real shape (conf/architecture/diffusion_gemma_26b_a4b.yaml), on meta.
+"""scripts/profile_step.py on DiffusionGemma-26B-A4B's real shape (conf/architecture/diffusion_gemma_26b_a4b.yaml), on meta.
 
 Published sizes the count is checked against: 25.82B parameters on the hub's safetensors count of
 google/diffusiongemma-26B-A4B-it (vision tower included), 25.2B total / 3.8B active in the model card (the text
@@ -60,7 +60,7 @@ def test_truncated_layers_cut_the_text_config_and_its_layer_types():
 
 
 def test_profile_script_meta_only(tmp_path):
-    cmd = [sys.executable, str(ROOT / "scripts" / "profile.py"), "architecture=diffusion_gemma_26b_a4b",
+    cmd = [sys.executable, str(ROOT / "scripts" / "profile_step.py"), "architecture=diffusion_gemma_26b_a4b",
            "meta_only=true", f"hydra.run.dir={tmp_path}"]
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

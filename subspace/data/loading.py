@@ -237,9 +237,20 @@ def load_prompts(
     return unique
 
 
+def prompt_key(prompt: str) -> str:
+    """A prompt as leak checks compare it: case, spacing and punctuation ignored ("Write a poem!" == "write a poem")."""
+    return "".join(c for c in prompt.casefold() if c.isalnum())
+
+
+def shared_prompts(a: Sequence[str], b: Sequence[str]) -> set[str]:
+    """The prompts of `a` that also occur in `b`, up to case, spacing and punctuation."""
+    keys = {prompt_key(p) for p in b}
+    return {p for p in a if prompt_key(p) in keys}
+
+
 def check_overlap(harmful: Sequence[str], harmless: Sequence[str]) -> int:
     """Warn if a prompt is in both sets (it blurs the contrast between them); return the distinct shared count."""
-    shared = {p.strip() for p in harmful} & {p.strip() for p in harmless}
+    shared = shared_prompts(harmful, harmless)
     if shared:
         examples = ", ".join(_short(p, 60) for p in sorted(shared)[:3])
         _warn(f"{len(shared)} prompt(s) appear in both the harmful and harmless sets, e.g. {examples}")

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from subspace.data.loading import PromptDataError, check_overlap, load_prompts
+from omegaconf import OmegaConf
+
+from subspace.data.loading import PromptDataError, check_overlap, load_prompts, shared_prompts
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +54,23 @@ class PromptSets:
         }
         check_overlap(self.prompts["train_harmful"], self.prompts["train_harmless"])
         for split in ("harmful", "harmless"):
-            leaked = set(self.prompts[f"eval_{split}"]) & (set(harmful) | set(harmless))
+            leaked = shared_prompts(self.prompts[f"eval_{split}"], harmful + harmless)
             if leaked:
-                log.warning("%d eval_%s prompts also appear in the training sets", len(leaked), split)
+                log.warning("%d eval_%s prompts also appear in the training sets (case, spacing and punctuation "
+                            "ignored)", len(leaked), split)
+
+    def categories(self, key: str) -> list[str | None] | None:
+        """The `category` field of each prompt of an eval set read from a JSON/JSONL file of records, else None."""
+        source = getattr(self, key)
+        source = OmegaConf.to_container(source) if OmegaConf.is_config(source) else source
+        path, skip = (source.get("path"), source.get("skip", 0)) if isinstance(source, dict) else (source, 0)
+        if not isinstance(path, str) or not path.endswith((".json", ".jsonl")) or not Path(path).is_file():
+            return None
+        text = Path(path).read_text()
+        records = json.loads(text) if path.endswith(".json") else [json.loads(line) for line in text.splitlines() if line.strip()]
+        cats = [r.get("category") if isinstance(r, dict) else None for r in records][skip:]
+        cats = cats[: len(self.prompts[key])]
+        return cats if len(cats) == len(self.prompts[key]) and any(c is not None for c in cats) else None
 
     def __getitem__(self, key: str) -> list[str]:
         return self.prompts[key]

@@ -1,4 +1,4 @@
-"""Before/after evaluation of an edit with the model's own sampler and the first-token KL."""
+"""Before/after evaluation of an edit: three-way verdicts on the model's own samples, first-token and response KL."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from subspace.evaluation.generation import generate_responses
-from subspace.evaluation.judges import MarkerJudge, RefusalJudge
-from subspace.evaluation.metrics import ResponseKL, RefusalRate
+from subspace.evaluation.judges import VERDICTS, Judge, MarkerJudge
+from subspace.evaluation.metrics import ResponseKL, VerdictRates
 from subspace.families.base import Family
 from subspace.interventions.edit import ProjectionEdit
 from subspace.models.bundle import ModelBundle
@@ -34,12 +34,13 @@ class Evaluator:
 
     bundle: ModelBundle
     family: Family
-    judge: RefusalJudge = MarkerJudge()
-    max_new_tokens: int | None = None  # None: the family's default (48 tokens; a masked-diffusion model's canvas)
+    judge: Judge = MarkerJudge()
+    max_new_tokens: int | None = None  # None: the family's default (96 tokens; a masked-diffusion model's canvas)
     batch_size: int = 16
     system_prompt: str | None = None
     progress: bool = True
     apply: str = "hooks"
+    kl_response_tokens: int = 16  # kl_response: over the first N tokens of the unedited model's own answers
 
     def __post_init__(self) -> None:
         if self.max_new_tokens is None:
@@ -69,14 +70,18 @@ class Evaluator:
                                       max_new_tokens=max_new_tokens or self.max_new_tokens, batch_size=self.batch_size,
                                       system_prompt=self.system_prompt, desc=desc, progress=self.progress)
 
+    def judged(self, prompts: Sequence[str], edit: ProjectionEdit | None = None, desc: str = "generating",
+               max_new_tokens: int | None = None) -> tuple[list[str], list[str]]:
+        """(responses, verdicts): each response judged `refusal`, `answer` or `broken`."""
+        texts = self.responses(prompts, edit, desc, max_new_tokens)
+        return texts, self.judge.verdicts(prompts, texts)
+
     def refusals(self, prompts: Sequence[str], edit: ProjectionEdit | None = None, desc: str = "generating",
                  max_new_tokens: int | None = None) -> tuple[float, list[str], list[bool]]:
         """(refusal rate, responses, per-prompt refusal flags)."""
-        texts = self.responses(prompts, edit, desc, max_new_tokens)
-        flags = [self.judge.is_refusal(p, r) for p, r in zip(prompts, texts)]
-        metric = RefusalRate()
-        metric.update(torch.tensor(flags))
-        return float(metric.compute()), texts, flags
+        texts, verdicts = self.judged(prompts, edit, desc, max_new_tokens)
+        flags = [v == "refusal" for v in verdicts]
+        return sum(flags) / max(len(flags), 1), texts, flags
 
     @torch.no_grad()
     def logprobs(self, prompts: Sequence[str], edit: ProjectionEdit | None = None) -> Tensor:
@@ -94,15 +99,80 @@ class Evaluator:
         metric.update(reference, self.logprobs(prompts, edit))
         return float(metric.compute())
 
-    def before_after(self, harmful: Sequence[str], harmless: Sequence[str], edit: ProjectionEdit) -> tuple[dict, list[dict]]:
-        """The report metrics (before and after measured in the same run) and per-prompt samples."""
-        results, samples = {}, []
-        for split, prompts, key in (("harmful", harmful, "refusal_rate"), ("harmless", harmless, "harmless_refusal_rate")):
-            rate_b, text_b, flag_b = self.refusals(prompts, None, f"{split} before")
-            rate_a, text_a, flag_a = self.refusals(prompts, edit, f"{split} after")
-            results[f"{key}_before"], results[f"{key}_after"] = rate_b, rate_a
-            samples += [{"split": split, "prompt": p, "before": b, "after": a, "refused_before": fb, "refused_after": fa}
-                        for p, b, a, fb, fa in zip(prompts, text_b, text_a, flag_b, flag_a)]
+    @torch.no_grad()
+    def kl_response(self, prompts: Sequence[str], answers: Sequence[str], edit: ProjectionEdit) -> float:
+        """Mean KL(P_original ‖ P_edited) over the first `kl_response_tokens` tokens of the unedited model's own
+        `answers`, teacher-forced (`family.kl_response_at`): damage after the first token, which the first-token KL
+        cannot see. Original and edited distributions are computed batch by batch, so nothing vocabulary-sized is kept."""
+        tokenizer, n = self.bundle.tokenizer, self.kl_response_tokens
+        total, count = 0.0, 0
+        for i in range(0, len(prompts), self.batch_size):
+            batch = self.family.chat_batch(tokenizer, prompts[i: i + self.batch_size], self.system_prompt)
+            ids = [tokenizer(a, add_special_tokens=False)["input_ids"][:n] for a in answers[i: i + self.batch_size]]
+            answer = torch.full((len(ids), n), -1, dtype=torch.long)
+            for j, row in enumerate(ids):
+                answer[j, : len(row)] = torch.tensor(row, dtype=torch.long)
+            reference, valid = self.family.answer_logprobs(batch, answer)
+            with self._edited(edit):
+                edited, _ = self.family.answer_logprobs(batch, answer)
+            per_position = (reference.exp() * (reference - edited)).sum(-1)
+            total += float(per_position[valid].double().sum())
+            count += int(valid.sum())
+        return total / max(count, 1)
+
+    def before_after(self, harmful: Sequence[str], harmless: Sequence[str], edit: ProjectionEdit,
+                     categories: dict[str, Sequence[str | None]] | None = None) -> tuple[dict, list[dict]]:
+        """The report metrics (before and after measured in the same run) and per-prompt samples.
+
+        Per split and state: `answer_rate`, `refusal_rate`, `broken_rate` (three-way verdicts of `judge`; harmless
+        keys start with `harmless_`), the marker judge's refusal rate beside them (`marker_refusal_rate`), and, where
+        `categories` gives a category per prompt, the same rates per category. Damage: `kl` (first response
+        position or first canvas positions) and `kl_response` (the first N tokens of the unedited model's answers).
+        """
+        results, samples, marker = {}, [], MarkerJudge()
+        for split, prompts in (("harmful", harmful), ("harmless", harmless)):
+            prefix = "" if split == "harmful" else "harmless_"
+            cats = list((categories or {}).get(split) or [None] * len(prompts))
+            texts, verdicts = {}, {}
+            for state, e in (("before", None), ("after", edit)):
+                texts[state], verdicts[state] = self.judged(prompts, e, f"{split} {state}")
+                for verdict, rate in verdict_rates(verdicts[state]).items():
+                    results[f"{prefix}{verdict}_rate_{state}"] = rate
+                results[f"{prefix}marker_refusal_rate_{state}"] = (
+                    sum(v == "refusal" for v in marker.verdicts(prompts, texts[state])) / max(len(prompts), 1))
+            if any(c is not None for c in cats):
+                results[f"{prefix}by_category"] = by_category(cats, verdicts)
+            samples += [{"split": split, "prompt": p, "category": c, "before": b, "after": a,
+                         "verdict_before": vb, "verdict_after": va,
+                         "refused_before": vb == "refusal", "refused_after": va == "refusal"}
+                        for p, c, b, a, vb, va in zip(prompts, cats, texts["before"], texts["after"],
+                                                       verdicts["before"], verdicts["after"])]
+            if split == "harmless":
+                results["kl_response"] = self.kl_response(prompts, texts["before"], edit)
         results["kl"] = self.kl(harmless, edit)
         results["n_harmful"], results["n_harmless"] = len(harmful), len(harmless)
+        results["kl_response_tokens"], results["kl_response_at"] = self.kl_response_tokens, self.family.kl_response_at
+        results["judge"] = describe_judge(self.judge)
+        results["max_new_tokens"] = self.max_new_tokens
         return results, samples
+
+
+def verdict_rates(verdicts: Sequence[str]) -> dict[str, float]:
+    metric = VerdictRates()
+    metric.update(verdicts)
+    return {v: float(r) for v, r in zip(VERDICTS, metric.compute())}
+
+
+def by_category(categories: Sequence[str | None], verdicts: dict[str, list[str]]) -> dict[str, dict]:
+    """{category: {n, answer_rate_before, ..., broken_rate_after}} over the prompts that carry a category."""
+    out = {}
+    for cat in sorted({c for c in categories if c is not None}):
+        index = [i for i, c in enumerate(categories) if c == cat]
+        out[cat] = {"n": len(index)} | {f"{v}_rate_{state}": r for state, vs in verdicts.items()
+                                        for v, r in verdict_rates([vs[i] for i in index]).items()}
+    return out
+
+
+def describe_judge(judge: Judge) -> str:
+    path = getattr(judge, "path", None)
+    return type(judge).__name__ + (f" ({path.name})" if path is not None else "")

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from subspace.evaluation.judges import VERDICTS
 from subspace.objectives.losses import kl_divergence
 
 
@@ -31,6 +32,25 @@ class RefusalRate(Metric):
 
     def compute(self) -> Tensor:
         return self.refused.double() / self.total.clamp(min=1)
+
+
+class VerdictRates(Metric):
+    """Share of responses given each verdict, in the order of `judges.VERDICTS` (refusal, answer, broken)."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**{"sync_on_compute": False} | kwargs)
+        self.add_state("counts", default=torch.zeros(len(VERDICTS), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, verdicts) -> None:
+        unknown = sorted(set(verdicts) - set(VERDICTS))
+        if unknown:
+            raise ValueError(f"verdicts {unknown} are not among {VERDICTS}")
+        self.counts += torch.tensor([sum(v == k for v in verdicts) for k in VERDICTS])
+
+    def compute(self) -> Tensor:
+        return self.counts.double() / self.counts.sum().clamp(min=1)
 
 
 class ResponseKL(Metric):

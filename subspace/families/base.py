@@ -59,7 +59,7 @@ class Family:
     response_positions = 1  # how many response positions `response_logprobs` returns
     reads_prefixes = False  # whether `prefix_logprobs` exists (a response read left to right)
     requires_weight_form = False  # True: evaluate edits merged into the weights (tied halves a hook cannot reach)
-    default_max_new_tokens = 48  # eval.max_new_tokens=null: how much of a response the judge reads
+    default_max_new_tokens = 96  # eval.max_new_tokens=null: how much of a response the judge reads (a refusal may come after an opening sentence)
     LAYER_PATHS: tuple[str, ...] = ()
     ATTENTION_WRITERS: tuple[str, ...] = ()
     MLP_WRITERS: tuple[str, ...] = ()
@@ -222,9 +222,37 @@ class Family:
         raise NotImplementedError(f"the {self.name} family has no teacher-forced response prefixes "
                                   "(objective.refusal=prefix); use objective.refusal=first_token")
 
+    def answer_logprobs(self, batch: dict[str, Tensor], answers: Tensor) -> tuple[Tensor, Tensor]:
+        """log P over the tokens of given answers [batch, N] (-1: no token), teacher-forced: ([batch, P, vocab] float32,
+        valid [batch, P] bool). What `kl_response` compares; `kl_response_at` says which positions P are."""
+        raise NotImplementedError
+
+    kl_response_at = "the unedited model's own answer, teacher-forced: each of its first N tokens after the ones before"
+
     def generate(self, tokenizer: PreTrainedTokenizerBase, batch: dict[str, Tensor], max_new_tokens: int) -> Tensor:
         """The model's own sampler, greedy: new token ids [batch, ≤ max_new_tokens]."""
         raise NotImplementedError
+
+
+MASK_RATIOS = (0.25, 0.5, 0.75, 1.0)
+CANVAS_KL_AT = ("the unedited model's own answer on the canvas, its first N positions hidden at mask ratios 1/4, 1/2, "
+                "3/4 and 1 (a fixed pattern; hidden positions get the sampler's blank: the mask token or the noise "
+                "canvas), predicted at the hidden positions: the states the sampler fills from")
+
+
+def masked_canvases(answers: Tensor, blank: Tensor, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """The answers [batch, N] (-1: none) as canvases [R, batch, N] with a fixed random share of the first N positions
+    replaced by `blank` [N] for each mask ratio R, and which positions were hidden and hold an answer token [R, batch, N]."""
+    n = answers.shape[1]
+    rank = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(answers.device)
+    present = answers >= 0
+    filled = torch.where(present, answers, blank[None])
+    canvases, hidden = [], []
+    for ratio in MASK_RATIOS:
+        masked = (rank < max(1, round(ratio * n)))[None].expand_as(answers)
+        canvases.append(torch.where(masked, blank[None], filled))
+        hidden.append(masked & present)
+    return torch.stack(canvases), torch.stack(hidden)
 
 
 def log_softmax32(logits: Tensor) -> Tensor:

@@ -38,6 +38,15 @@ class CausalFamily(Family):
         token_logprobs = log_softmax32(logits).gather(-1, prefixes.unsqueeze(-1)).squeeze(-1)
         return token_logprobs.sum(-1).view(rows, r)
 
+    def answer_logprobs(self, batch: dict[str, Tensor], answers: Tensor) -> tuple[Tensor, Tensor]:
+        """Each answer token predicted after the (left-padded) prompt and the answer tokens before it."""
+        answers = answers.to(batch["input_ids"].device)
+        valid = answers >= 0
+        ids = torch.cat([batch["input_ids"], answers.clamp(min=0)], 1)
+        mask = torch.cat([batch["attention_mask"], valid.to(batch["attention_mask"].dtype)], 1)
+        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=answers.shape[1] + 1).logits
+        return log_softmax32(logits[:, :-1]), valid
+
     def generate(self, tokenizer: PreTrainedTokenizerBase, batch: dict[str, Tensor], max_new_tokens: int) -> Tensor:
         out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
                                   top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from subspace.families.base import Family, log_softmax32
+from subspace.families.base import CANVAS_KL_AT, Family, log_softmax32, masked_canvases
 from subspace.sampling.masked_diffusion import MaskedDiffusionSampler, append_canvas
 
 
@@ -61,6 +61,22 @@ class LLaDAFamily(Family):
     def response_logprobs(self, batch: dict[str, Tensor]) -> Tensor:
         logits = self.model(**self.with_canvas(batch), logits_to_keep=self.canvas_length).logits
         return log_softmax32(logits[:, : self.kl_positions])
+
+    kl_response_at = CANVAS_KL_AT
+
+    def answer_logprobs(self, batch: dict[str, Tensor], answers: Tensor) -> tuple[Tensor, Tensor]:
+        answers = answers.to(batch["input_ids"].device)[:, : self.canvas_length]
+        n = answers.shape[1]
+        blank = torch.full((n,), self.mask_id, dtype=answers.dtype, device=answers.device)
+        canvases, hidden = masked_canvases(answers, blank)
+        rest = torch.full((answers.shape[0], self.canvas_length - n), self.mask_id, dtype=answers.dtype,
+                          device=answers.device)
+        out = []
+        for canvas in canvases:
+            ids, mask = append_canvas(batch["input_ids"], batch["attention_mask"], torch.cat([canvas, rest], 1))
+            out.append(log_softmax32(self.model(input_ids=ids, attention_mask=mask,
+                                                logits_to_keep=self.canvas_length).logits[:, :n]))
+        return torch.cat(out, 1), torch.cat(list(hidden), 1)
 
     def generate(self, tokenizer: PreTrainedTokenizerBase, batch: dict[str, Tensor], max_new_tokens: int) -> Tensor:
         """The sampler on a canvas of whole blocks (max_new_tokens rounded up), cut back to max_new_tokens."""

@@ -1,8 +1,8 @@
 """Profile a real architecture with random weights: size, memory per component, step and sampler cost.
 
-    python scripts/profile.py architecture=llada_8b meta_only=true     # any size: counts and estimates
-    python scripts/profile.py architecture=llada_8b layers=4           # measured, first 4 layers
-    python scripts/profile.py architecture=llada_8b trainer=...        # (on a GPU: device=auto picks cuda)
+    python scripts/profile_step.py architecture=llada_8b meta_only=true     # any size: counts and estimates
+    python scripts/profile_step.py architecture=llada_8b layers=4           # measured, first 4 layers
+    python scripts/profile_step.py architecture=llada_8b trainer=...        # (on a GPU: device=auto picks cuda)
 
 Counts and estimates come from a build on `meta`; the measured step is skipped (with the reason in the report)
 where the weights alone would not fit the device's free memory.
