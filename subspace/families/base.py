@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from subspace.families.moe import MoEBlock, find_moe_block, recorded_routing
+from subspace.families.moe import MoEBlock, find_moe_block, recorded_routing, traced_moe_block
+from subspace.families.structure import LayerTrace, TracedWriter, classify, trace_layers
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class WriterSite:
     kind: str  # one of SITE_KINDS
     experts: str | None = None
     expert: int | None = None
+    after: str | None = None  # the norm or per-channel scale between the writer and the residual stream (post-norm)
 
 
 def get_submodule(module: nn.Module, dotted: str) -> nn.Module | None:
@@ -60,9 +62,11 @@ class Family:
     reads_prefixes = False  # whether `prefix_logprobs` exists (a response read left to right)
     requires_weight_form = False  # True: evaluate edits merged into the weights (tied halves a hook cannot reach)
     default_max_new_tokens = 96  # eval.max_new_tokens=null: how much of a response the judge reads (a refusal may come after an opening sentence)
-    LAYER_PATHS: tuple[str, ...] = ()
-    ATTENTION_WRITERS: tuple[str, ...] = ()
+    LAYER_PATHS: tuple[str, ...] = ()  # hints: where the decoder layer list usually is (else found by structure)
+    ATTENTION_WRITERS: tuple[str, ...] = ()  # hints, used when writers cannot be traced (a model on `meta`)
     MLP_WRITERS: tuple[str, ...] = ()
+    TRACE_WRITERS = False  # find writers by structure: one traced forward (`subspace.families.structure`)
+    SKIP_LAYER_LISTS = ("vision", "visual", "audio", "image", "speech", "patch", "mtp")  # towers, not the decoder
 
     def __init__(self, model: PreTrainedModel, long_prompts: str = "truncate"):
         if long_prompts not in LONG_PROMPT_POLICIES:
@@ -75,11 +79,21 @@ class Family:
         self.num_layers = len(self.layers)
 
     def _find_layers(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
+        """The decoder layer list: at a hinted path, else the first `ModuleList` as long as the text config's layer
+        count outside vision/audio towers (multimodal wrappers: the language model's layers only)."""
         for path in self.LAYER_PATHS:
             layers = get_submodule(model, path)
             if isinstance(layers, nn.ModuleList):
                 return path, layers
-        raise TypeError(f"{type(model).__name__} has no decoder layer list at {', '.join(self.LAYER_PATHS)}; "
+        config = model.config.get_text_config()
+        count = next((getattr(config, k) for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+                      if isinstance(getattr(config, k, None), int)), None)
+        found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == count
+                 and not any(w in name.lower() for w in self.SKIP_LAYER_LISTS)]
+        if found:
+            return found[0]
+        raise TypeError(f"{type(model).__name__} has no decoder layer list: none at {', '.join(self.LAYER_PATHS)}, "
+                        f"and no ModuleList of its {count} layers (config) outside vision/audio towers; "
                         "add a family adapter for it.")
 
     def check_layer(self, layer: int, what: str = "layer") -> int:
@@ -91,9 +105,53 @@ class Family:
         return layer % self.num_layers
 
     @cached_property
+    def traces(self) -> list[LayerTrace] | None:
+        """Each layer's residual writers found by structure (one traced forward), or None where the family does not
+        trace (`TRACE_WRITERS`) or the model has no data to run (`meta`): then the name hints decide."""
+        if not self.TRACE_WRITERS or any(p.is_meta for p in self.model.parameters()):
+            return None
+        config = self.model.config.get_text_config()
+        vocab = getattr(config, "vocab_size", None) or 8
+        device = next(self.model.parameters()).device
+        ids = (torch.arange(5, device=device)[None] + 3) % vocab
+        try:
+            traces = trace_layers(self.model, self.layers, self.hidden_size, ids)
+        except Exception as err:  # noqa: BLE001 - a forward that needs more than token ids: say so, use the hints
+            log.warning("%s: could not trace the residual writers (%s: %s); using the name hints",
+                        type(self.model).__name__, type(err).__name__, err)
+            return None
+        for i, trace in enumerate(traces):
+            where = f"{type(self.model).__name__} ({self.model.config.model_type}) layer {i} ({self.layers_path}.{i})"
+            if not trace.ran:
+                raise TypeError(f"{where} did not run on a text-only forward (a cross-attention or skipped layer): "
+                                "its residual writers cannot be found; this architecture is not supported")
+            if trace.problems:
+                raise TypeError(f"{where} adds to the residual stream through {', '.join(sorted(set(trace.problems)))}, "
+                                "which no weight edit of a residual writer covers; this architecture is not supported")
+            if not trace.writers:
+                raise TypeError(f"{where} writes nothing into the residual stream that a weight holds; "
+                                "this architecture is not supported")
+        return traces
+
+    @cached_property
     def moe_blocks(self) -> dict[int, MoEBlock]:
         """The mixture-of-experts block of each MoE layer, by layer index (empty for a dense model)."""
-        return {i: block for i, layer in enumerate(self.layers) if (block := find_moe_block(layer)) is not None}
+        blocks = {}
+        for i, layer in enumerate(self.layers):
+            block = find_moe_block(layer)
+            traced = [w for w in self.traces[i].writers if w.stacked] if self.traces is not None else []
+            if block is None and traced:
+                if len(traced) > 1:
+                    raise TypeError(f"layer {i} of {type(self.model).__name__} has several stacked-expert writers "
+                                    f"({', '.join(w.name for w in traced)}); only one experts module a layer is supported")
+                experts = traced[0].name
+                parent = experts.rpartition(".")[0]
+                shared = [w.name for w in self.traces[i].writers if not w.stacked and "shared" in w.name
+                          and parent and w.name.startswith(f"{parent}.")]
+                block = traced_moe_block(layer, experts, shared[0] if len(shared) == 1 else None)
+            if block is not None:
+                blocks[i] = block
+        return blocks
 
     def writer_sites(self, layers: Sequence[int] | None = None,
                      kinds: Sequence[str] = WRITER_KINDS) -> list[WriterSite]:
@@ -101,11 +159,15 @@ class Family:
 
         A dense layer's MLP writes through "mlp_out"; a MoE layer's through every expert's down-projection
         ("expert_out": one fused site, or one per ModuleList expert) and its shared expert's ("shared_expert_out"),
-        or, if asked for, through the block's combined output ("moe_out").
+        or, if asked for, through the block's combined output ("moe_out"). Token mixers (attention, linear attention,
+        Mamba or convolution mixers) write through "attn_out". Found by structure where the family traces
+        (`traces`), else by the name hints.
         """
         if unknown := sorted(set(kinds) - set(SITE_KINDS)):
             raise ValueError(f"unknown writer kinds {unknown}; valid kinds are {SITE_KINDS}")
         chosen = range(self.num_layers) if layers is None else [self.check_layer(i) for i in layers]
+        if self.traces is not None:
+            return [site for i in chosen for site in self._traced_sites(i, kinds)]
         sites: list[WriterSite] = []
         for i in chosen:
             if "attn_out" in kinds:
@@ -114,6 +176,26 @@ class Family:
                 sites += self._moe_sites(i, self.moe_blocks[i], kinds)
             elif "mlp_out" in kinds:
                 sites.append(self._linear_site(i, "mlp_out", self.MLP_WRITERS))
+        return sites
+
+    def _traced_sites(self, i: int, kinds: Sequence[str]) -> list[WriterSite]:
+        """Layer i's traced writers in forward order; those of a MoE block (its experts, its shared expert) as the
+        block's sites, at the place of the block's first writer."""
+        block = self.moe_blocks.get(i)
+        under = (lambda name, part: name == part or name.startswith(f"{part}."))  # noqa: E731
+        sites: list[WriterSite] = []
+        placed = False
+        for writer in self.traces[i].writers:
+            in_block = block is not None and (under(writer.name, block.experts) or writer.name == block.shared or
+                                              (block.shared is not None and under(writer.name, block.shared)))
+            if in_block:
+                if not placed:
+                    sites += [s for s in self._moe_sites(i, block, kinds)]
+                    placed = True
+                continue
+            kind = classify(writer.name)
+            if kind in kinds:
+                sites.append(WriterSite(f"{self.layers_path}.{i}.{writer.name}", i, kind, after=writer.after))
         return sites
 
     def _linear_site(self, i: int, kind: str, candidates: Sequence[str]) -> WriterSite:
@@ -135,7 +217,11 @@ class Family:
 
     def residual_entry(self, site: WriterSite) -> str:
         """The module whose output is what `site`'s sub-layer adds to the residual stream. Pre-norm blocks add a
-        writer's output as it is; a MoE layer's experts reach it through the block's combined output."""
+        writer's output as it is, post-norm blocks its norm's output; a MoE layer's experts reach it through the
+        block's combined output."""
+        if site.after is not None and site.kind in ("attn_out", "mlp_out") and get_submodule(
+                self.layers[site.layer], site.after) is not None:
+            return f"{self.layers_path}.{site.layer}.{site.after}"
         if site.kind in ("attn_out", "mlp_out"):
             return site.name
         return f"{self.layers_path}.{site.layer}.{self.moe_blocks[site.layer].block}"

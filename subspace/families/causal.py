@@ -18,6 +18,7 @@ class CausalFamily(Family):
     ATTENTION_WRITERS = ("self_attn.o_proj", "attn.o_proj", "self_attn.out_proj", "attn.c_proj")
     MLP_WRITERS = ("mlp.down_proj", "mlp.fc2", "mlp.c_proj", "feed_forward.w2")
     reads_prefixes = True
+    TRACE_WRITERS = True  # writers found by structure; the name lists above are hints (a model on `meta`)
 
     @torch.no_grad()
     def residuals(self, batch: dict[str, Tensor]) -> Tensor:

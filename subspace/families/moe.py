@@ -38,6 +38,8 @@ class MoEBlock:
     fused: bool
     writers: tuple[str, ...]  # fused: the one 3-D parameter; ModuleList: each expert's Linear, in expert order
     shared: str | None = None  # the shared expert's down-projection Linear, if the block has one
+    transposed: bool = False  # fused writer stored [experts, in, d] (gpt-oss) instead of [experts, d, in]
+    bias: str | None = None  # the fused writer's bias [experts, d] (relative to the layer), if it has one
 
 
 def _child(module: nn.Module, name: str) -> nn.Module | None:
@@ -46,15 +48,18 @@ def _child(module: nn.Module, name: str) -> nn.Module | None:
 
 
 def _fused_writer(experts: nn.Module) -> str | None:
-    """The experts module's 3-D down-projection parameter, refusing layouts the weight maths does not cover."""
-    name = next((n for n in EXPERT_WRITERS if getattr(experts._parameters.get(n), "ndim", 0) == 3), None)
-    if name is not None and getattr(experts, "is_transposed", False):
-        raise TypeError(f"{type(experts).__name__} stores {name} transposed ([experts, in, out]); "
-                        "only [experts, out, in] expert weights are supported")
-    if name is not None and getattr(experts, "has_bias", False):
-        raise TypeError(f"{type(experts).__name__} has expert biases, which a projection edit would have to "
-                        "project too; expert biases are not supported")
-    return name
+    """The experts module's 3-D down-projection parameter (its name; layout and bias: `fused_layout`)."""
+    return next((n for n in EXPERT_WRITERS if getattr(experts._parameters.get(n), "ndim", 0) == 3), None)
+
+
+def fused_layout(experts: nn.Module, name: str) -> tuple[bool, str | None]:
+    """(transposed, bias parameter) of the experts' stacked writer `name`: transposed when the module declares it
+    (`is_transposed`, gpt-oss: [experts, in, d]); the bias `<name>_bias` [experts, d] when the module holds one."""
+    bias = f"{name}_bias" if isinstance(experts._parameters.get(f"{name}_bias"), torch.Tensor) else None
+    if bias is None and getattr(experts, "has_bias", False):
+        raise TypeError(f"{type(experts).__name__} declares expert biases but holds no {name}_bias: the edit would "
+                        "miss them")
+    return bool(getattr(experts, "is_transposed", False)), bias
 
 
 def _linear_writer(module: nn.Module) -> str | None:
@@ -77,8 +82,26 @@ def find_moe_block(layer: nn.Module) -> MoEBlock | None:
             raise TypeError(f"{type(experts).__name__} at {prefix} is neither fused experts (a 3-D parameter among "
                             f"{EXPERT_WRITERS}) nor a ModuleList of experts with a Linear among {EXPERT_WRITERS}")
         shared = _shared_writer(block, block_name) if block_name else None
-        return MoEBlock(block_name or prefix, prefix, count, fused is not None, writers, shared)
+        transposed, bias = fused_layout(experts, fused) if fused is not None else (False, None)
+        return MoEBlock(block_name or prefix, prefix, count, fused is not None, writers, shared, transposed,
+                        f"{prefix}.{bias}" if bias else None)
     return None
+
+
+def traced_moe_block(layer: nn.Module, experts_name: str, shared: str | None) -> MoEBlock:
+    """The MoE block around stacked experts found by structure (`subspace.families.structure`), relative names: the
+    experts' parent is the block (the experts module itself when the layer holds it), `shared` the shared expert's
+    writer if one was found beside them."""
+    experts = layer.get_submodule(experts_name)
+    stacked = [n for n, p in experts._parameters.items() if isinstance(p, torch.Tensor) and p.ndim == 3]
+    name = _fused_writer(experts) or (stacked[-1] if len(stacked) == 1 else None)
+    if name is None:
+        raise TypeError(f"{type(experts).__name__} at {experts_name} holds stacked weights {stacked}, none of them a "
+                        f"known down-projection ({', '.join(EXPERT_WRITERS)})")
+    transposed, bias = fused_layout(experts, name)
+    block = experts_name.rpartition(".")[0] or experts_name
+    return MoEBlock(block, experts_name, experts._parameters[name].shape[0], True, (f"{experts_name}.{name}",), shared,
+                    transposed, f"{experts_name}.{bias}" if bias else None)
 
 
 def _shared_writer(block: nn.Module, block_name: str) -> str | None:
@@ -95,8 +118,9 @@ def _shared_writer(block: nn.Module, block_name: str) -> str | None:
 
 def _top_k_index(args: tuple, kwargs: Mapping) -> Tensor | None:
     """Routing's choice as the experts module receives it: `experts(hidden, top_k_index, top_k_weights)`."""
-    if "top_k_index" in kwargs:
-        return kwargs["top_k_index"]
+    for key in ("top_k_index", "router_indices"):
+        if key in kwargs:
+            return kwargs[key]
     return args[1] if len(args) > 1 and isinstance(args[1], Tensor) else None
 
 
