@@ -4,6 +4,14 @@ Linear writers are LoRA `target_modules`; stacked expert weights (fused MoE expe
 `target_parameters`, which PEFT wraps in a `ParamWrapper` holding every expert's pair in one `lora_A`
 `[E·k, in]` (row `e·k + j` is expert e's A row j) and one `lora_B` `[d, k·E]` (column `j·E + e`).
 
+Transposed writers: a `Conv1D` (GPT-2) is a LoRA target like a Linear (PEFT runs it with `fan_in_fan_out`, the
+factors act on activations); transposed stacked experts (gpt-oss, `[E, in, d]`) are `target_parameters` whose
+factors act on activations as well (PEFT reads the experts' `is_transposed`). Biased writers: the bias is projected too, `b ← (I − λUUᵀ) b`. For Linear
+targets that is the bias of LoRA's B (`lora_bias=True`: B's bias is the bias delta, zero for writers without a
+bias); stacked experts' biases `[E, d]` are a 2-D `target_parameters` entry (rank k: `B = −λ b U`, `A = Uᵀ`). PEFT
+refuses `lora_bias` beside `target_parameters`, so where both occur (gpt-oss: biased attention output beside
+biased experts) the biased Linear writers are saved whole, edited, as `modules_to_save`.
+
 Tied halves (DiffusionGemma: the encoder's and the decoder's layer modules hold the same tensors): PEFT wraps
 exactly the modules its targets name, so an adapter on one half would be invisible to the other. Each site is
 therefore targeted under every module name that runs its weights, with the same factors: the loaded (unmerged)
@@ -78,19 +86,56 @@ def export_peft_adapter(edit: ProjectionEdit, model: nn.Module, out_dir: str | P
                     base_model_name_or_path=base_model)
     modules = [name for site in sites if not site.stacked for name in names[site.name]]
     retargeted = _retargeted_by_peft(LoraConfig(target_modules=modules, **settings), model)
+    by_name = {name: site for site in sites for name in names[site.name]}
+    stacked_biases = {f"{name.rpartition('.')[0]}.{by_name[name].bias}": name for name in stacked
+                      if by_name[name].bias is not None}
+    biased = {name for name in modules if by_name[name].bias is not None}
+    parameter_targets = bool(stacked) or bool(retargeted & set(modules))
+    saved_whole = biased if parameter_targets else set()  # PEFT: no lora_bias beside target_parameters
+    lora_bias = bool(biased) and not parameter_targets
+    if any(by_name[name].transposed for name in modules):
+        settings["fan_in_fan_out"] = True  # Conv1D targets (PEFT would set it itself, with a warning)
     # A retargeted Linear is named by its weight instead: a 2-D ParamWrapper is an ordinary LoRA, same keys and shapes.
-    parameters = sorted(stacked) + [f"{name}.weight" for name in modules if name in retargeted]
-    config = LoraConfig(target_modules=[name for name in modules if name not in retargeted],
-                        **({"target_parameters": parameters} if parameters else {}), **settings)
+    parameters = sorted(stacked) + sorted(stacked_biases) + [f"{name}.weight" for name in modules
+                                                              if name in retargeted and name not in saved_whole]
+    config = LoraConfig(target_modules=[name for name in modules if name not in retargeted and name not in saved_whole],
+                        **({"target_parameters": parameters} if parameters else {}),
+                        **({"modules_to_save": sorted(saved_whole)} if saved_whole else {}),
+                        **({"lora_bias": True} if lora_bias else {}), **settings)
     tensors = {}
     factors = edit.lora_factors(model) if factors is None else factors
+    bias_deltas = edit.bias_deltas(model) if any(site.bias is not None for site in sites) else {}
+    params = dict(model.named_parameters(remove_duplicate=False))
     for canonical, site_factors in factors.items():
+        site_obj = next(s for s in sites if s.name == canonical)
+        delta_b = bias_deltas.get(site_obj.bias_name) if site_obj.bias is not None else None
         for site in names[canonical]:
             a, b = site_factors
+            if site in saved_whole:  # the edited module itself: W + (B A) in its layout, b + Δb
+                weight = params[f"{site}.weight"]
+                delta = (b @ a).T if site_obj.transposed else b @ a
+                tensors[f"base_model.model.{site}.weight"] = (weight.detach().float().cpu() + delta).to(dtype)
+                tensors[f"base_model.model.{site}.bias"] = (params[f"{site}.bias"].detach().float().cpu()
+                                                            + delta_b).to(dtype)
+                continue
             if site in stacked:  # PEFT keys a parameter's LoRA by the module holding it
-                site, (a, b) = site.rpartition(".")[0], _stacked_lora(a, b)
+                module = site.rpartition(".")[0]
+                if delta_b is not None:  # the experts' bias [E, d] = B A with B = −λ b U [E, k], A = Uᵀ [k, d]
+                    basis = edit.bases[edit.sites.index(canonical)]
+                    lam = edit.strengths[edit.sites.index(canonical)]
+                    bias = params[f"{module}.{site_obj.bias}"].detach().float().cpu()
+                    mask = site_obj.expert_mask
+                    bb = -lam * (bias @ basis)
+                    bb = bb if mask is None else mask.float()[:, None] * bb
+                    tensors[f"base_model.model.{module}.lora_A.weight"] = basis.T.to(dtype).contiguous()
+                    tensors[f"base_model.model.{module}.lora_B.weight"] = bb.to(dtype).contiguous()
+                    module = f"{module}.base_layer"  # PEFT nests the wrappers: the weight's, listed first, is inside
+                site, (a, b) = module, _stacked_lora(a, b)
             tensors[f"base_model.model.{site}.lora_A.weight"] = a.to(dtype, copy=True).contiguous()  # copies: one
             tensors[f"base_model.model.{site}.lora_B.weight"] = b.to(dtype, copy=True).contiguous()  # per name
+            if lora_bias:
+                tensors[f"base_model.model.{site}.lora_B.bias"] = (
+                    torch.zeros(b.shape[0]) if delta_b is None else delta_b).to(dtype).contiguous()
     with atomic_dir(out_dir) as tmp:
         config.save_pretrained(tmp)
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -110,10 +155,16 @@ def save_merged_model(edit: ProjectionEdit, model: nn.Module, tokenizer, out_dir
     return Path(out_dir)
 
 
-def _factor_fits(part: str, factor: torch.Tensor, weight: torch.Tensor) -> bool:
-    """LoRA shapes: A [r, in], B [out, r] for a matrix; A [E·r, in], B [out, r·E] for stacked experts [E, out, in]."""
+def _factor_fits(part: str, factor: torch.Tensor, weight: torch.Tensor, model: nn.Module | None = None,
+                 site: str = "") -> bool:
+    """LoRA shapes: A [r, in], B [out, r] for a matrix; A [E·r, in], B [out, r·E] for stacked experts [E, out, in]
+    (transposed ones, [E, in, out], and Conv1D weights [in, out] the other way round)."""
     experts = weight.shape[0] if weight.ndim == 3 else 1
     fan_out, fan_in = weight.shape[-2:]
+    holder = model.get_submodule(site) if model is not None and site else None
+    if holder is not None and (getattr(holder, "is_transposed", False) and weight.ndim == 3
+                               or type(holder).__name__ == "Conv1D"):
+        fan_out, fan_in = fan_in, fan_out
     if part == "A":
         return factor.shape[1] == fan_in and factor.shape[0] % experts == 0
     return factor.shape[0] == fan_out and factor.shape[1] % experts == 0
@@ -130,14 +181,28 @@ def check_adapter_fits(model: nn.Module, adapter_dir: str | Path, base_model: st
         raise ValueError(f"adapter {adapter_dir} was made for base model {recorded!r}, not {base_model!r}; "
                          "load it onto the model it was trained on")
     params = dict(model.named_parameters(remove_duplicate=False))  # a tied tensor under each module's name
-    stacked = {name.rpartition(".")[0]: name for name in config.get("target_parameters") or []}
+    stacked: dict[str, list[str]] = {}  # module → its target parameters, in order (PEFT nests the first innermost)
+    for name in config.get("target_parameters") or []:
+        stacked.setdefault(name.rpartition(".")[0], []).append(name)
     for key, factor in load_file(str(adapter_dir / "adapter_model.safetensors")).items():
-        site, _, part = key.removeprefix("base_model.model.").removesuffix(".weight").rpartition(".lora_")
-        weight = params.get(stacked.get(site, f"{site}.weight"))
+        key = key.removeprefix("base_model.model.")
+        if ".lora_" not in key:  # a module saved whole (modules_to_save): the same shape as the model's
+            weight = params.get(key)
+            if weight is None or tuple(weight.shape) != tuple(factor.shape):
+                raise ValueError(f"adapter {adapter_dir} saves {key!r} with shape {tuple(factor.shape)}, which this "
+                                 f"{type(model).__name__} does not have (recorded base: {recorded!r})")
+            continue
+        site, _, part = key.removesuffix(".weight").removesuffix(".bias").rpartition(".lora_")
+        inner = site.endswith(".base_layer")
+        site = site.removesuffix(".base_layer")
+        targets = stacked.get(site)
+        weight = params.get(targets[0 if inner else -1] if targets else f"{site}.weight")
         if weight is None:
             raise ValueError(f"adapter {adapter_dir} edits {site!r}, which this {type(model).__name__} does not have; "
                              f"was it made for another architecture (recorded base: {recorded!r})?")
-        if not _factor_fits(part, factor, weight):
+        if key.endswith(".bias") or not _factor_fits(part, factor, weight, model, site):
+            if key.endswith(".bias") and factor.ndim == 1:
+                continue
             raise ValueError(f"adapter {adapter_dir}: lora_{part} of {site!r} has shape {tuple(factor.shape)}, which "
                              f"does not fit the model's weight {tuple(weight.shape)} (recorded base: {recorded!r})")
 

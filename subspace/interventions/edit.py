@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from subspace.interventions.merge import merged_deltas
-from subspace.interventions.projection import ProjectionHooks, weight_factors
+from subspace.interventions.projection import ProjectionHooks, bias_delta, weight_factors
 from subspace.interventions.sites import resolve_sites
 from subspace.utils.io import atomic_path
 from subspace.utils.sharded import full
@@ -67,16 +67,35 @@ class ProjectionEdit:
 
     def lora_factors(self, model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
         """Weight form per site: (A [k, in], B [d, k]) with W' = W + B A; stacked experts: A [E, k, in], B [E, d, k].
+        The factors act on activations (`out += B A x`): a transposed writer (Conv1D [in, d], gpt-oss experts
+        [E, in, d]) gets the factors of the matrix it applies, and its stored weight changes by `(B A)ᵀ`.
         On a sharded model (trainer=fsdp) each weight is gathered first: every rank must call this."""
         sites = resolve_sites(model, self.sites, self.expert_masks)
-        return {site.name: weight_factors(full(site.weight.detach()).float().cpu(), basis, strength, site.expert_mask)
-                for site, basis, strength in zip(sites, self.bases, self.strengths)}
+        factors = {}
+        for site, basis, strength in zip(sites, self.bases, self.strengths):
+            weight = full(site.weight.detach()).float().cpu()
+            applied = weight.transpose(-1, -2) if site.transposed else weight  # the matrix it applies: [(E,) d, in]
+            factors[site.name] = weight_factors(applied, basis, strength, site.expert_mask)
+        return factors
+
+    def bias_deltas(self, model: nn.Module) -> dict[str, Tensor]:
+        """`(I − λUUᵀ) b − b` for each writer that adds a bias, by the bias parameter's name (float32, CPU)."""
+        sites = resolve_sites(model, self.sites, self.expert_masks)
+        return {site.bias_name: bias_delta(full(site.bias_tensor.detach()).float().cpu(), basis, strength,
+                                           site.expert_mask)
+                for site, basis, strength in zip(sites, self.bases, self.strengths) if site.bias is not None}
 
     def weight_deltas(self, model: nn.Module) -> dict[str, Tensor]:
         """Weight form as full float32 CPU deltas by parameter name, for `merged_deltas`: `"<site>.weight": B A`
-        for a linear writer, `"<site>": B A` ([E, d, in]) for stacked experts."""
-        names = {site.name: site.parameter_name for site in resolve_sites(model, self.sites, self.expert_masks)}
-        return {names[site]: b @ a for site, (a, b) in self.lora_factors(model).items()}
+        for a linear writer (`(B A)ᵀ` for a transposed one, stacked too), `"<site>": B A` ([E, d, in]) for stacked experts, and
+        each writer's bias delta (`bias_deltas`)."""
+        sites = {site.name: site for site in resolve_sites(model, self.sites, self.expert_masks)}
+        deltas = {}
+        for name, (a, b) in self.lora_factors(model).items():
+            site = sites[name]
+            delta = b @ a
+            deltas[site.parameter_name] = delta.transpose(-1, -2) if site.transposed else delta
+        return deltas | self.bias_deltas(model)
 
     def merged(self, model: nn.Module) -> AbstractContextManager[nn.Module]:
         """Weight form in place: inside the block the weights are what a merged checkpoint holds (rounding

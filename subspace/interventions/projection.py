@@ -32,7 +32,8 @@ def weight_factors(weight: Tensor, basis: Tensor, strength: Tensor | float = 1.0
     """(A, B) with `(I − λUUᵀ) W = W + B A`, float32: `A = UᵀW`, `B = −λU` (a rank-k LoRA, `lora_alpha = r`).
 
     For stacked expert weights `W [E, d, in]` the factors are per expert, `A [E, k, in]` and `B [E, d, k]`, all
-    experts in one product; `expert_mask [E]` zeroes B for the experts left unedited.
+    experts in one product; `expert_mask [E]` zeroes B for the experts left unedited. A transposed weight (Conv1D
+    `[in, d]`, gpt-oss experts `[E, in, d]`) is passed as its transpose, the matrix it applies.
     """
     a = basis.transpose(-1, -2) @ weight.float()
     b = -torch.as_tensor(strength, dtype=torch.float32, device=basis.device) * basis
@@ -42,11 +43,24 @@ def weight_factors(weight: Tensor, basis: Tensor, strength: Tensor | float = 1.0
     return a, b
 
 
+def bias_delta(bias: Tensor, basis: Tensor, strength: Tensor | float = 1.0,
+               expert_mask: Tensor | None = None) -> Tensor:
+    """`(I − λUUᵀ) b − b` for a writer's bias `b [d]` (or stacked experts' `[E, d]`, rows masked by `expert_mask`)."""
+    delta = -torch.as_tensor(strength, dtype=torch.float32, device=basis.device) * (
+        (bias.float() @ basis) @ basis.transpose(-1, -2))
+    if expert_mask is not None and bias.ndim == 2:
+        delta = expert_mask.to(basis.device, torch.float32)[:, None] * delta
+    return delta
+
+
 def projected_weight(weight: Tensor, basis: Tensor, strength: Tensor | float = 1.0,
-                     expert_mask: Tensor | None = None) -> Tensor:
-    """`(I − λUUᵀ) W` (for the experts masked in): float32 maths, W's dtype out; differentiable in U and λ."""
-    a, b = weight_factors(weight, basis, strength, expert_mask)
-    return (weight.float() + b @ a).to(weight.dtype)
+                     expert_mask: Tensor | None = None, transposed: bool = False) -> Tensor:
+    """`(I − λUUᵀ) W` (for the experts masked in), `W (I − λUUᵀ)` for a transposed W: float32 maths, W's dtype out;
+    differentiable in U and λ."""
+    applied = weight.transpose(-1, -2) if transposed else weight
+    a, b = weight_factors(applied, basis, strength, expert_mask)
+    edited = applied.float() + b @ a
+    return (edited.transpose(-1, -2) if transposed else edited).to(weight.dtype)
 
 
 EditPath = Literal["output", "weight"]  # how a site is edited while a forward runs
@@ -108,15 +122,21 @@ class ProjectionHooks:
         """Swap the stacked weights for their projected copy around the experts' forward (the module reads it as an
         attribute, as `torch.func.functional_call` would pass it), and put the parameter back after, always."""
         site = self.sites[index]
-        original = site.weight
+        original, original_bias = site.weight, site.bias_tensor
 
         def swap_in(module: nn.Module, _inputs: tuple) -> None:
             if self.bases is not None:
                 basis, strength = self.bases[index].to(original.device), self.strengths[index].to(original.device)
-                module._parameters[site.parameter] = projected_weight(original, basis, strength, site.expert_mask)
+                module._parameters[site.parameter] = projected_weight(original, basis, strength, site.expert_mask,
+                                                                      site.transposed)
+                if original_bias is not None:
+                    module._parameters[site.bias] = (original_bias.float() + bias_delta(
+                        original_bias, basis, strength, site.expert_mask)).to(original_bias.dtype)
 
         def restore(module: nn.Module, _inputs: tuple, _output) -> None:
             module._parameters[site.parameter] = original
+            if original_bias is not None:
+                module._parameters[site.bias] = original_bias
 
         return [handle for module in site.modules for handle in
                 (module.register_forward_pre_hook(swap_in), module.register_forward_hook(restore, always_call=True))]

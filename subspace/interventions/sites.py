@@ -1,7 +1,10 @@
 """What an edit's site name points at in a model, and so which forms of the edit it supports.
 
 - a linear writer (2-D `weight` [d, in]): projected at its output (hooks) or in its weight `W ← (I − λUUᵀ)W`;
-- stacked expert weights, a 3-D parameter `[num_experts, d, in]` (fused MoE experts): edited in weight form,
+  a transposed one (GPT-2's `Conv1D`, `weight` [in, d]) as `W ← W(I − λUUᵀ)`; a bias `b ← (I − λUUᵀ)b` too;
+- stacked expert weights, a 3-D parameter `[num_experts, d, in]` (fused MoE experts), or `[num_experts, in, d]`
+  where the experts module says so (`is_transposed`, gpt-oss), with a bias `<name>_bias` [num_experts, d] where it
+  holds one: edited in weight form,
   since the experts' separate outputs are never materialised; `expert_mask` limits the edit to some experts
   (moe_scope=active_only). With every expert edited, an experts module known to sum its experts' outputs
   linearly (`sums_expert_outputs`) may instead be projected at its output: the same edit, `output_equivalent`;
@@ -55,6 +58,8 @@ class Site:
     parameter: str | None = None  # "weight" of a linear writer, the stacked experts' parameter; None: output only
     expert_mask: Tensor | None = None  # bool [num_experts], stacked experts only
     aliases: tuple[nn.Module, ...] = ()  # other modules running the same parameters (tied encoder/decoder halves)
+    transposed: bool = False  # the weight holds d in its last dim: Conv1D [in, d], transposed experts [E, in, d]
+    bias: str | None = None  # the module's bias added to this writer's output ([d], or [E, d] for stacked experts)
 
     @property
     def modules(self) -> tuple[nn.Module, ...]:
@@ -87,8 +92,24 @@ class Site:
         """The parameter's name in the model, as `named_parameters` spells it."""
         return self.name if self.stacked else f"{self.name}.{self.parameter}"
 
+    @property
+    def bias_name(self) -> str | None:
+        """The bias parameter's name in the model, if the writer adds one."""
+        if self.bias is None:
+            return None
+        return f"{self.name.rpartition('.')[0]}.{self.bias}" if self.stacked else f"{self.name}.{self.bias}"
+
+    @property
+    def bias_tensor(self) -> nn.Parameter | None:
+        return None if self.bias is None else self.module._parameters[self.bias]
+
 
 Holders = dict[int, list[tuple[nn.Module, str]]]
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """A linear writer storing its weight [in, out] (`out = x W + b`): transformers' `Conv1D` (GPT-2 and kin)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def parameter_holders(model: nn.Module) -> Holders:
@@ -132,14 +153,17 @@ def resolve_site(model: nn.Module, name: str, expert_mask: Tensor | None = None,
         if expert_mask is not None and tuple(expert_mask.shape) != (stacked.shape[0],):
             raise ValueError(f"expert mask for {name!r} has shape {tuple(expert_mask.shape)}, "
                              f"expected ({stacked.shape[0]},): one flag per expert")
+        bias = f"{attr}_bias" if isinstance(parent._parameters.get(f"{attr}_bias"), Tensor) else None
         return Site(name, parent, "stacked", attr, None if expert_mask is None else expert_mask.bool().cpu(),
-                    tied_aliases(model, parent, attr, holders))
+                    tied_aliases(model, parent, attr, holders), bool(getattr(parent, "is_transposed", False)), bias)
     if expert_mask is not None:
         raise ValueError(f"site {name!r} is a {type(module).__name__}, not stacked expert weights: an expert mask "
                          "only applies to a 3-D experts parameter")
     weight = module._parameters.get("weight")
-    if weight is not None and weight.ndim == 2:  # nn.Linear and look-alikes: out = W x (+ b)
-        return Site(name, module, "linear", "weight", aliases=tied_aliases(model, module, None, holders))
+    if weight is not None and weight.ndim == 2:  # nn.Linear and look-alikes: out = W x (+ b); Conv1D: x W (+ b)
+        bias = "bias" if isinstance(module._parameters.get("bias"), Tensor) else None
+        return Site(name, module, "linear", "weight", aliases=tied_aliases(model, module, None, holders),
+                    transposed=is_transposed_linear(module), bias=bias)
     return Site(name, module, "output", aliases=tied_aliases(model, module, None, holders))
 
 
