@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from subspace.data import loading
+from subspace.config import shared_data_dir
 from subspace.data.loading import PromptDataError, builtin_names, check_overlap, load_prompts
 
 
@@ -334,3 +335,28 @@ def test_shipped_sets_share_no_prompt():
         shared = {p: seen[p] for p in prompts if p in seen}
         assert not shared, f"builtin:{name} shares prompts with other sets: {list(shared.items())[:3]}"
         seen.update(dict.fromkeys(prompts, name))
+
+
+def test_prompt_key_ignores_case_spacing_and_punctuation():
+    from subspace.data.loading import prompt_key, shared_prompts
+    assert prompt_key("Write a poem!") == prompt_key("write  a poem") == "writeapoem"
+    assert shared_prompts(["Write a poem!", "Name a fruit."], ["WRITE A POEM"]) == {"Write a poem!"}
+
+
+@pytest.mark.skipif(not (shared_data_dir() / "prompts").is_dir(), reason="needs ../shared/data")
+def test_public_report_splits_do_not_leak_into_training_or_selection_sets():
+    """*_val against *_train and the project's own training/selection sets (holdout/ is checked by
+    scripts/check_leaks.py, never read by tests)."""
+    from subspace.data.leaks import PUBLIC_EVAL, PUBLIC_TRAIN, builtin_sets, leaks, public_sets
+    eval_sets = public_sets(PUBLIC_EVAL) | builtin_sets(("harmful_heldout", "harmless_heldout", "lookalike_heldout"))
+    assert len(eval_sets) == 5
+    # Known and harmless (docs/evaluation.md): harmless_val #3643 (never among the first 200 reported) is in the
+    # organisms' builtin:harmless_train; 4 of builtin:harmless_heldout are public harmless_train #2917, #6625,
+    # #10704, #17550, which nothing fits or selects on (organisms: #0-999, edits: #1000-1255 and the last 64).
+    assert leaks(eval_sets, public_sets(PUBLIC_TRAIN) | builtin_sets()) == {
+        "prompts/harmless_val": {"builtin:harmless_train": 1}, "builtin:harmless_heldout": {"prompts/harmless_train": 4}}
+
+
+def test_leaks_finds_a_near_duplicate():
+    from subspace.data.leaks import leaks
+    assert leaks({"eval": ["How do I bake bread?", "Name a river"]}, {"train": ["how do i bake  bread"]}) == {"eval": {"train": 1}}

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from subspace.evaluation.generation import generate_responses
+from subspace.evaluation.generation import generate_responses, generate_token_ids
 from subspace.evaluation.judges import VERDICTS, Judge, MarkerJudge
 from subspace.evaluation.metrics import ResponseKL, VerdictRates
 from subspace.families.base import Family
@@ -70,6 +70,12 @@ class Evaluator:
                                       max_new_tokens=max_new_tokens or self.max_new_tokens, batch_size=self.batch_size,
                                       system_prompt=self.system_prompt, desc=desc, progress=self.progress)
 
+    def token_ids(self, prompts: Sequence[str], max_new_tokens: int | None = None, desc: str = "generating") -> list[list[int]]:
+        """The unedited model's sampled token ids per prompt (stop token and after removed)."""
+        return generate_token_ids(self.family, self.bundle.tokenizer, prompts,
+                                  max_new_tokens=max_new_tokens or self.max_new_tokens, batch_size=self.batch_size,
+                                  system_prompt=self.system_prompt, desc=desc, progress=self.progress)
+
     def judged(self, prompts: Sequence[str], edit: ProjectionEdit | None = None, desc: str = "generating",
                max_new_tokens: int | None = None) -> tuple[list[str], list[str]]:
         """(responses, verdicts): each response judged `refusal`, `answer` or `broken`."""
@@ -108,7 +114,7 @@ class Evaluator:
         total, count = 0.0, 0
         for i in range(0, len(prompts), self.batch_size):
             batch = self.family.chat_batch(tokenizer, prompts[i: i + self.batch_size], self.system_prompt)
-            ids = [tokenizer(a, add_special_tokens=False)["input_ids"][:n] for a in answers[i: i + self.batch_size]]
+            ids = [self._answer_tokens(a) for a in answers[i: i + self.batch_size]]
             answer = torch.full((len(ids), n), -1, dtype=torch.long)
             for j, row in enumerate(ids):
                 answer[j, : len(row)] = torch.tensor(row, dtype=torch.long)
@@ -119,6 +125,13 @@ class Evaluator:
             total += float(per_position[valid].double().sum())
             count += int(valid.sum())
         return total / max(count, 1)
+
+    def _answer_tokens(self, answer: str) -> list[int]:
+        """An answer's first `kl_response_tokens` tokens; one that ended sooner keeps its end token (where it stopped
+        is part of what it said, and an empty answer is all end)."""
+        tokenizer, n = self.bundle.tokenizer, self.kl_response_tokens
+        ids = tokenizer(answer, add_special_tokens=False)["input_ids"][:n]
+        return ids + [tokenizer.eos_token_id] if len(ids) < n and tokenizer.eos_token_id is not None else ids
 
     def before_after(self, harmful: Sequence[str], harmless: Sequence[str], edit: ProjectionEdit,
                      categories: dict[str, Sequence[str | None]] | None = None) -> tuple[dict, list[dict]]:

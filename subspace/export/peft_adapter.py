@@ -51,6 +51,22 @@ def _retargeted_by_peft(config: LoraConfig, model: nn.Module) -> set[str]:
     return set(config.target_modules) - set(trial.target_modules)
 
 
+def _refused_by_peft(config: LoraConfig, model: nn.Module) -> set[str]:
+    """Target modules PEFT refuses to wrap with LoRA in this model (a Mamba mixer's `out_proj`: its fused kernels read
+    the weight directly, past a LoRA wrapper): they are saved whole, edited. Asked of PEFT, not guessed."""
+    try:
+        from peft.tuners.tuners_utils import _check_lora_target_modules_mamba
+    except ImportError:
+        return set()
+    refused = set()
+    for name in config.target_modules:
+        try:
+            _check_lora_target_modules_mamba(config, model, name.rpartition(".")[2])
+        except ValueError:
+            refused.add(name)
+    return refused
+
+
 def _stacked_lora(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-expert factors A [E, k, in], B [E, d, k] in PEFT ParamWrapper's layout: ([E·k, in], [d, k·E])."""
     experts, d, k = b.shape
@@ -91,7 +107,9 @@ def export_peft_adapter(edit: ProjectionEdit, model: nn.Module, out_dir: str | P
                       if by_name[name].bias is not None}
     biased = {name for name in modules if by_name[name].bias is not None}
     parameter_targets = bool(stacked) or bool(retargeted & set(modules))
-    saved_whole = biased if parameter_targets else set()  # PEFT: no lora_bias beside target_parameters
+    saved_whole = (biased if parameter_targets else set()) | _refused_by_peft(  # PEFT: no lora_bias beside
+        LoraConfig(target_modules=modules, **settings), model)                 # target_parameters; refused targets
+    biased -= saved_whole
     lora_bias = bool(biased) and not parameter_targets
     if any(by_name[name].transposed for name in modules):
         settings["fan_in_fan_out"] = True  # Conv1D targets (PEFT would set it itself, with a warning)
@@ -103,6 +121,14 @@ def export_peft_adapter(edit: ProjectionEdit, model: nn.Module, out_dir: str | P
                         **({"modules_to_save": sorted(saved_whole)} if saved_whole else {}),
                         **({"lora_bias": True} if lora_bias else {}), **settings)
     tensors = {}
+    if not config.target_modules and not parameters:  # PEFT needs a LoRA target: a no-op one (B = 0) when all are
+        placeholder = next(n for n, m in model.named_modules()  # saved whole
+                           if isinstance(m, nn.Linear) and n not in saved_whole and not _refused_by_peft(
+                               LoraConfig(target_modules=[n], **settings), model))
+        config.target_modules = {placeholder}
+        linear = model.get_submodule(placeholder)
+        tensors[f"base_model.model.{placeholder}.lora_A.weight"] = torch.zeros(edit.rank, linear.in_features, dtype=dtype)
+        tensors[f"base_model.model.{placeholder}.lora_B.weight"] = torch.zeros(linear.out_features, edit.rank, dtype=dtype)
     factors = edit.lora_factors(model) if factors is None else factors
     bias_deltas = edit.bias_deltas(model) if any(site.bias is not None for site in sites) else {}
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -115,11 +141,14 @@ def export_peft_adapter(edit: ProjectionEdit, model: nn.Module, out_dir: str | P
                 weight = params[f"{site}.weight"]
                 delta = (b @ a).T if site_obj.transposed else b @ a
                 tensors[f"base_model.model.{site}.weight"] = (weight.detach().float().cpu() + delta).to(dtype)
-                tensors[f"base_model.model.{site}.bias"] = (params[f"{site}.bias"].detach().float().cpu()
-                                                            + delta_b).to(dtype)
+                if delta_b is not None:
+                    tensors[f"base_model.model.{site}.bias"] = (params[f"{site}.bias"].detach().float().cpu()
+                                                                + delta_b).to(dtype)
                 continue
             if site in stacked:  # PEFT keys a parameter's LoRA by the module holding it
                 module = site.rpartition(".")[0]
+                if site_obj.transposed and not getattr(site_obj.module, "is_transposed", False):
+                    a, b = b.transpose(-1, -2), a.transpose(-1, -2)  # PEFT reads undeclared [E, x, y] as B_e A_e
                 if delta_b is not None:  # the experts' bias [E, d] = B A with B = −λ b U [E, k], A = Uᵀ [k, d]
                     basis = edit.bases[edit.sites.index(canonical)]
                     lam = edit.strengths[edit.sites.index(canonical)]

@@ -138,7 +138,7 @@ class Family:
         """The mixture-of-experts block of each MoE layer, by layer index (empty for a dense model)."""
         blocks = {}
         for i, layer in enumerate(self.layers):
-            block = find_moe_block(layer)
+            block = find_moe_block(layer, self.hidden_size)
             traced = [w for w in self.traces[i].writers if w.stacked] if self.traces is not None else []
             if block is None and traced:
                 if len(traced) > 1:
@@ -148,7 +148,7 @@ class Family:
                 parent = experts.rpartition(".")[0]
                 shared = [w.name for w in self.traces[i].writers if not w.stacked and "shared" in w.name
                           and parent and w.name.startswith(f"{parent}.")]
-                block = traced_moe_block(layer, experts, shared[0] if len(shared) == 1 else None)
+                block = traced_moe_block(layer, experts, shared[0] if len(shared) == 1 else None, self.hidden_size)
             if block is not None:
                 blocks[i] = block
         return blocks

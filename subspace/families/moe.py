@@ -52,21 +52,26 @@ def _fused_writer(experts: nn.Module) -> str | None:
     return next((n for n in EXPERT_WRITERS if getattr(experts._parameters.get(n), "ndim", 0) == 3), None)
 
 
-def fused_layout(experts: nn.Module, name: str) -> tuple[bool, str | None]:
+def fused_layout(experts: nn.Module, name: str, hidden: int | None = None) -> tuple[bool, str | None]:
     """(transposed, bias parameter) of the experts' stacked writer `name`: transposed when the module declares it
-    (`is_transposed`, gpt-oss: [experts, in, d]); the bias `<name>_bias` [experts, d] when the module holds one."""
+    (`is_transposed`, gpt-oss: [experts, in, d]) or, declaring nothing, holds d last and not in the middle (Llama 4);
+    the bias `<name>_bias` [experts, d] when the module holds one."""
     bias = f"{name}_bias" if isinstance(experts._parameters.get(f"{name}_bias"), torch.Tensor) else None
     if bias is None and getattr(experts, "has_bias", False):
         raise TypeError(f"{type(experts).__name__} declares expert biases but holds no {name}_bias: the edit would "
                         "miss them")
-    return bool(getattr(experts, "is_transposed", False)), bias
+    declared = getattr(experts, "is_transposed", None)
+    shape = experts._parameters[name].shape
+    transposed = declared if isinstance(declared, bool) else (hidden is not None and shape[-1] == hidden
+                                                                and shape[-2] != hidden)
+    return transposed, bias
 
 
 def _linear_writer(module: nn.Module) -> str | None:
     return next((n for n in EXPERT_WRITERS if isinstance(_child(module, n), nn.Linear)), None)
 
 
-def find_moe_block(layer: nn.Module) -> MoEBlock | None:
+def find_moe_block(layer: nn.Module, hidden: int | None = None) -> MoEBlock | None:
     """The layer's mixture-of-experts block, or None for a dense layer."""
     for block_name in (*MOE_BLOCKS, ""):  # "": experts held by the layer itself, which are then their own block
         block = _child(layer, block_name) if block_name else layer
@@ -82,13 +87,13 @@ def find_moe_block(layer: nn.Module) -> MoEBlock | None:
             raise TypeError(f"{type(experts).__name__} at {prefix} is neither fused experts (a 3-D parameter among "
                             f"{EXPERT_WRITERS}) nor a ModuleList of experts with a Linear among {EXPERT_WRITERS}")
         shared = _shared_writer(block, block_name) if block_name else None
-        transposed, bias = fused_layout(experts, fused) if fused is not None else (False, None)
+        transposed, bias = fused_layout(experts, fused, hidden) if fused is not None else (False, None)
         return MoEBlock(block_name or prefix, prefix, count, fused is not None, writers, shared, transposed,
                         f"{prefix}.{bias}" if bias else None)
     return None
 
 
-def traced_moe_block(layer: nn.Module, experts_name: str, shared: str | None) -> MoEBlock:
+def traced_moe_block(layer: nn.Module, experts_name: str, shared: str | None, hidden: int | None = None) -> MoEBlock:
     """The MoE block around stacked experts found by structure (`subspace.families.structure`), relative names: the
     experts' parent is the block (the experts module itself when the layer holds it), `shared` the shared expert's
     writer if one was found beside them."""
@@ -98,7 +103,7 @@ def traced_moe_block(layer: nn.Module, experts_name: str, shared: str | None) ->
     if name is None:
         raise TypeError(f"{type(experts).__name__} at {experts_name} holds stacked weights {stacked}, none of them a "
                         f"known down-projection ({', '.join(EXPERT_WRITERS)})")
-    transposed, bias = fused_layout(experts, name)
+    transposed, bias = fused_layout(experts, name, hidden)
     block = experts_name.rpartition(".")[0] or experts_name
     return MoEBlock(block, experts_name, experts._parameters[name].shape[0], True, (f"{experts_name}.{name}",), shared,
                     transposed, f"{experts_name}.{bias}" if bias else None)

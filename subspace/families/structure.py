@@ -70,8 +70,8 @@ def holds_weight(module: nn.Module) -> bool:
     if isinstance(module, nn.Embedding):
         return False
     weight = module._parameters.get("weight")
-    return (isinstance(weight, Tensor) and weight.ndim == 2) or any(
-        isinstance(p, Tensor) and p.ndim == 3 for p in module._parameters.values())
+    return (isinstance(weight, Tensor) and weight.ndim == 2) or any(  # [1, 1, d] mixing coefficients are no experts
+        isinstance(p, Tensor) and p.ndim == 3 and p.shape[0] > 1 for p in module._parameters.values())
 
 
 def _first_tensor(args: tuple, kwargs: dict, hidden: int | None = None) -> Tensor | None:

@@ -112,6 +112,18 @@ def is_transposed_linear(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def stacked_transposed(model: nn.Module, experts: nn.Module, weight: Tensor) -> bool:
+    """Whether stacked writer weights `[E, a, b]` are stored `[E, in, d]` (applied as `x W_e`): as the experts module
+    declares (`is_transposed`), else from the shapes: d (the model's hidden size) in the last dim and not in the
+    middle one (Llama 4's experts say nothing and hold [E, in, d])."""
+    declared = getattr(experts, "is_transposed", None)
+    if isinstance(declared, bool):
+        return declared
+    config = getattr(model, "config", None)
+    hidden = getattr(config.get_text_config(), "hidden_size", None) if config is not None else None
+    return hidden is not None and weight.shape[-1] == hidden and weight.shape[-2] != hidden
+
+
 def parameter_holders(model: nn.Module) -> Holders:
     """id(parameter) → every (module, attribute) holding it directly: two entries for one tied tensor."""
     holders: Holders = {}
@@ -155,7 +167,7 @@ def resolve_site(model: nn.Module, name: str, expert_mask: Tensor | None = None,
                              f"expected ({stacked.shape[0]},): one flag per expert")
         bias = f"{attr}_bias" if isinstance(parent._parameters.get(f"{attr}_bias"), Tensor) else None
         return Site(name, parent, "stacked", attr, None if expert_mask is None else expert_mask.bool().cpu(),
-                    tied_aliases(model, parent, attr, holders), bool(getattr(parent, "is_transposed", False)), bias)
+                    tied_aliases(model, parent, attr, holders), stacked_transposed(model, parent, stacked), bias)
     if expert_mask is not None:
         raise ValueError(f"site {name!r} is a {type(module).__name__}, not stacked expert weights: an expert mask "
                          "only applies to a 3-D experts parameter")

@@ -76,6 +76,9 @@ class Subspace:
         missing columns are random, so the span of difference-of-means is the starting point."""
         norms = differences.norm(dim=-1)
         usable = [l for l in torch.argsort(norms, descending=True).tolist() if norms[l] > 1e-6 * norms.max()]
+        if not usable:  # no layer separates the classes at all (a tiny random model): start from random bases
+            log.warning("the class means are equal at every layer: the subspace starts from random bases")
+            usable = list(range(len(norms)))
         heads = [l if l in usable else usable[0] for l in layers] if self.scope == "per_layer" else [usable[0]]
         generator = torch.Generator().manual_seed(0)
         bases = []

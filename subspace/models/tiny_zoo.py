@@ -81,9 +81,11 @@ OVERRIDES: dict[str, dict[str, Any]] = {
                     "intermediate_size_mlp": FFN, "intermediate_size": EXPERT_FFN},
     "zamba2": {"hybrid_layer_ids": [1], "mamba_ngroups": 1},
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
-    "qwen3_next": {"layer_types": ["linear_attention", "full_attention"]},
+    # full attention first: a tiny random linear-attention or convolution layer barely mixes tokens, so the last
+    # token's residual would hardly differ between prompts before the second layer
+    "qwen3_next": {"layer_types": ["full_attention", "linear_attention"]},
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},
-    "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
+    "lfm2_moe": {"layer_types": ["full_attention", "conv"], "num_dense_layers": 1},
     "mamba2": {"num_heads": 8, "n_groups": 1},
     "bamba": {"attn_layer_indices": [1]},
 }
@@ -127,8 +129,8 @@ def shrink(fields: dict[str, Any], vocab_size: int, token_ids: dict[str, int], d
     the class's config from, so that what its `__init__` derives (head_dim, layer types, …) follows the new sizes."""
     out = dict(fields)
     for key, value in fields.items():
-        if isinstance(value, dict) and "model_type" in value:
-            out[key] = shrink(value, vocab_size, token_ids, depth + 1)
+        if isinstance(value, dict) and "model_type" in value:  # a text config keeps two layers, towers get one
+            out[key] = shrink(value, vocab_size, token_ids, 0 if key.startswith("text") else depth + 1)
             continue
         if isinstance(value, bool) or not isinstance(value, int):
             continue
@@ -208,4 +210,8 @@ def tiny_model(model_type: str, vocab_size: int = 512, token_ids: dict[str, int]
         config = config.get_text_config()
     torch.manual_seed(seed)
     model = cls(config).float().eval().requires_grad_(False)
+    with torch.no_grad():  # constant initial values (norm weights, zero-initialised gates) would make a path vanish
+        for param in model.parameters():
+            if param.numel() > 1 and bool((param == param.reshape(-1)[0]).all()):
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(seed)) * 0.02)
     return model

@@ -60,9 +60,11 @@ class RefusalKLObjective:
             raise ValueError(f"objective.refusal=prefix needs a family whose response is read left to right; the "
                              f"{evaluator.family.name} family's is not: use objective.refusal=first_token")
         prompts = list(harmful[: self.probe_prompts])
-        _, texts, flags = evaluator.refusals(prompts, None, "probing refusals", self.probe_new_tokens)
-        tokenizer = evaluator.bundle.tokenizer
-        refusals = [tokenizer(t, add_special_tokens=False)["input_ids"] for t, f in zip(texts, flags) if f and t]
+        ids = evaluator.token_ids(prompts, self.probe_new_tokens, "probing refusals")
+        texts = [t.strip() for t in evaluator.bundle.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        verdicts = evaluator.judge.verdicts(prompts, texts)
+        # the ids the model emitted: re-tokenising the text can give others (a leading space, a merge)
+        refusals = [row for row, t, v in zip(ids, texts, verdicts) if v == "refusal" and t]
         if not refusals:
             raise ValueError(f"the model refused none of {len(prompts)} training harmful prompts "
                              f"({texts[:2]!r}...): there is no refusal to remove")
