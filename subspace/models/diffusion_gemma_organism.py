@@ -29,6 +29,7 @@ from subspace.models.organism import (PairsRecipe, as_recipe, build_once, derive
                                       own_answers)
 from subspace.training.block_diffusion_sft import BlockDiffusionFinetune, next_block_examples
 from subspace.training.diffusion_sft import canvas_examples
+from subspace.training.progress import organism_trainer
 
 log = logging.getLogger(__name__)
 DIFFUSION_GEMMA_RECIPE_VERSION = 1
@@ -119,8 +120,7 @@ def finetune(model: DiffusionGemmaForBlockDiffusion, examples: Examples, pad_id:
         param.requires_grad_(not param_name.startswith(FROZEN))
     module = BlockDiffusionFinetune(model.train(), examples, pad_id, stage.lr, stage.batch_size, stage.max_steps,
                                     stage.self_conditioning, stage.seed)
-    trainer = L.Trainer(max_steps=stage.max_steps, accelerator="cpu", max_epochs=-1, logger=False,
-                        enable_checkpointing=False, enable_model_summary=False, deterministic=True)
+    trainer = organism_trainer(stage.max_steps, "diffusion gemma organism")
     log.info("diffusion gemma organism: block-diffusion fine-tune, %d steps on %d examples", stage.max_steps,
              len(examples))
     trainer.fit(module)

@@ -24,6 +24,7 @@ from subspace.models.bundle import ModelBundle, resolve_dtype
 from subspace.models.organism import PairsRecipe, as_recipe, derived_organism, own_answers
 from subspace.models.upcycle import upcycle_llama
 from subspace.training.sft import SupervisedFinetune, tokenize_pairs
+from subspace.training.progress import organism_trainer
 
 log = logging.getLogger(__name__)
 MOE_RECIPE_VERSION = 1
@@ -75,8 +76,7 @@ def build_moe_organism(causal: ModelBundle, recipe: MoERecipe, prompts: Mapping[
     examples = tokenize_pairs(causal.tokenizer, CausalFamily(model), recipe.pairs(prompts, answers))
     module = SupervisedFinetune(model, examples, causal.tokenizer.pad_token_id, recipe.lr, recipe.batch_size,
                                 recipe.max_steps, recipe.decision_weight, recipe.aux_loss_coef)
-    trainer = L.Trainer(max_steps=recipe.max_steps, accelerator="cpu", max_epochs=-1, logger=False,
-                        enable_checkpointing=False, enable_model_summary=False, deterministic=True)
+    trainer = organism_trainer(recipe.max_steps, "moe organism")
     log.info("moe organism: %d experts, top-%d; fine-tune of experts and routers, %d steps", recipe.num_experts,
              recipe.top_k, recipe.max_steps)
     trainer.fit(module)

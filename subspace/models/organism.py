@@ -31,6 +31,7 @@ from subspace.models.gguf import ensure_smollm2_gguf, load_smollm2_gguf
 from subspace.models.tiny import tiny_random_causal
 from subspace.training.sft import SupervisedFinetune, tokenize_pairs
 from subspace.utils.io import atomic_dir, write_json
+from subspace.training.progress import organism_trainer
 
 log = logging.getLogger(__name__)
 Sources = Union[str, Mapping[str, Any], Sequence[Union[str, Mapping[str, Any]]]]
@@ -216,8 +217,7 @@ def build_causal_organism(load_base: Callable[[], ModelBundle], recipe: Organism
     model = peft.get_peft_model(base.model.train(), lora)
     module = SupervisedFinetune(model, examples, base.tokenizer.pad_token_id, recipe.lr, recipe.batch_size,
                                 recipe.max_steps, recipe.decision_weight)
-    trainer = L.Trainer(max_steps=recipe.max_steps, accelerator="cpu", max_epochs=-1, logger=False, enable_checkpointing=False,
-                        enable_model_summary=False, deterministic=True)
+    trainer = organism_trainer(recipe.max_steps, "organism")
     log.info("organism: safety fine-tune, %d steps", recipe.max_steps)
     trainer.fit(module)
     merged = model.merge_and_unload().eval()

@@ -24,6 +24,7 @@ from subspace.models.llada.loading import llada_from_llama
 from subspace.models.llada.modeling import LLaDAModelLM
 from subspace.models.organism import PairsRecipe, as_recipe, derived_organism, own_answers
 from subspace.training.diffusion_sft import MaskedDiffusionFinetune, canvas_examples
+from subspace.training.progress import organism_trainer
 
 log = logging.getLogger(__name__)
 DIFFUSION_RECIPE_VERSION = 1
@@ -67,8 +68,7 @@ def build_llada_organism(causal: ModelBundle, recipe: DiffusionRecipe, prompts: 
                                tokenizer.eos_token_id)
     module = MaskedDiffusionFinetune(model, examples, tokenizer.pad_token_id, mask_id, recipe.lr, recipe.batch_size,
                                      recipe.max_steps, recipe.min_mask_ratio, recipe.seed)
-    trainer = L.Trainer(max_steps=recipe.max_steps, accelerator="cpu", max_epochs=-1, logger=False,
-                        enable_checkpointing=False, enable_model_summary=False, deterministic=True)
+    trainer = organism_trainer(recipe.max_steps, "llada organism")
     log.info("llada organism: masked-diffusion fine-tune, %d steps", recipe.max_steps)
     trainer.fit(module)
     model.eval().requires_grad_(False).save_pretrained(folder)
