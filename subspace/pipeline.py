@@ -15,6 +15,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from subspace.config import REPO_ROOT
 from subspace.evaluation.evaluator import Evaluator
 from subspace.export.peft_adapter import export_peft_adapter, save_merged_model
 from subspace.families import family_for
@@ -62,6 +63,17 @@ def selection_metrics(evaluator: Evaluator, data, edit) -> dict[str, float]:
     return {"select_refusal_rate_after": verdicts.count("refusal") / len(verdicts),
             "select_answer_rate_after": verdicts.count("answer") / len(verdicts),
             "select_kl": evaluator.kl(data["select_harmless"], edit)}
+
+
+def tuned_overlay() -> str | None:
+    """The conf/tuned file this run composed (it overrides conf/method and conf/objective values), if any."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        choice = HydraConfig.get().runtime.choices.get("tuned")
+    except ValueError:  # not under Hydra (a test composing the config itself)
+        return None
+    path = f"conf/tuned/{choice}.yaml"
+    return path if choice and (REPO_ROOT / path).is_file() else None  # an optional group records absent choices too
 
 
 def shards_the_model(trainer: DictConfig) -> bool:
@@ -138,6 +150,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                         "show a reduction (check the model or data.eval_harmful)")
     metrics = results | method.describe() | ctx.report | {
         "model": bundle.name, "family": family.name, "kl_at": family.kl_at, "eval_apply": evaluator.apply,
+        "tuned_settings": tuned_overlay(),
         "seed": cfg.seed,
         "model_sharded": sharded, "fit_seconds": round(fit_seconds, 1), "wall_time_s": round(time.time() - start, 1),
         "run_dir": str(run_dir),

@@ -57,6 +57,8 @@ def print_summary(metrics: dict[str, Any], warnings: list[str], console: Console
     table.add_row("wall time", "", f"{metrics['wall_time_s']:.0f} s")
     console = console or Console()
     console.print(table)
+    if metrics.get("tuned_settings"):
+        console.print(f"settings: {metrics['method']} with {metrics['tuned_settings']} applied over conf/method and conf/objective")
     console.print(f"judge: {metrics.get('judge')}, {metrics.get('max_new_tokens')} new tokens · "
                   f"run directory: {metrics['run_dir']}")
     for w in warnings:

@@ -128,3 +128,15 @@ def test_multirun_sweeps_rank(tmp_path, cache_dir, tiny_organism):
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = sorted(json.loads((sweep / str(i) / "metrics.json").read_text())["rank"] for i in (0, 1))
     assert ranks == [1, 2]
+
+
+@pytest.mark.parametrize("model, method, expected", [("smollm2_organism", "subspace", "conf/tuned/smollm2_organism_subspace.yaml"),
+                                                     ("tiny_organism", "subspace", None)])
+def test_the_applied_tuned_file_is_named(model, method, expected):
+    """metrics.json and the summary name the conf/tuned overlay a run composed (it silently wins over conf/method)."""
+    from subspace.pipeline import tuned_overlay
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"model={model}", f"method={method}"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    assert tuned_overlay() == expected
