@@ -40,7 +40,7 @@ class ClassReport:
     class_name: str
     layers: int | None = None
     layers_path: str | None = None
-    sites_per_layer: list[str] = field(default_factory=list)  # per layer: "attn_out,mlp_out" (kinds, forward order)
+    sites_per_layer: list[str] = field(default_factory=list)  # per layer: "attn_out:self_attn.o_proj,…" (forward order)
     post_norm: list[str] = field(default_factory=list)  # writers whose output passes a norm/scale before the residual
     results: dict[str, str] = field(default_factory=dict)  # check → "✓" or the reason it failed
     seconds: float = 0.0
@@ -150,11 +150,18 @@ def _run_checks(report: ClassReport, work: Path, fits: bool) -> None:
         sites = family.writer_sites()
         report.layers, report.layers_path = family.num_layers, family.layers_path
         per_layer: dict[int, list[str]] = {}
-        for s in sites:
-            per_layer.setdefault(s.layer, []).append(s.kind)
+        for s in sites:  # "kind:name within the layer"
+            per_layer.setdefault(s.layer, []).append(f"{s.kind}:{s.name.removeprefix(f'{family.layers_path}.{s.layer}.')}")
         report.sites_per_layer = [",".join(per_layer.get(i, [])) for i in range(family.num_layers)]
-        report.post_norm = sorted({f"{s.name.split('.', 3)[-1].split('.', 1)[-1]} → {s.after}" for s in sites
-                                   if s.after})
+        from subspace.interventions.sites import resolve_sites
+
+        leaf = {s.name: s.name.removeprefix(f"{family.layers_path}.{s.layer}.") for s in sites}
+        report.post_norm = sorted({f"{leaf[s.name]} → {s.after}" for s in sites if s.after})
+        resolved = resolve_sites(model, [s.name for s in sites])
+        for label, chosen in (("transposed", [r for r in resolved if r.transposed]),
+                              ("biased", [r for r in resolved if r.bias is not None])):
+            if chosen:
+                report.post_norm.append(f"{label}: " + ", ".join(sorted({f"`{leaf[r.name]}`" for r in chosen})))
         if not sites or any(not per_layer.get(i) for i in range(family.num_layers)):
             raise TypeError("some layer has no residual writer")
         results["sites"] = "✓"

@@ -37,7 +37,7 @@ PASS_THROUGH = ("AddBackward", "ViewBackward", "UnsafeViewBackward", "ReshapeAli
                 "ViewAsComplexBackward", "UnsafeSplitBackward", "NegBackward")
 SCALED = ("MulBackward", "DivBackward")  # fine by a per-token scalar; a per-channel vector is a scale (post-norm)
 MLP_WORDS = ("mlp", "ffn", "feed_forward", "feedforward", "moe", "expert", "fc1", "fc2", "fc_out", "dense_4h",
-             "c_fc", "channel_mix", "w2")
+             "c_fc", "channel_mix", "w2", "down_proj")
 
 
 @dataclass
