@@ -51,7 +51,7 @@ SIZES: dict[str, int] = {
     **dict.fromkeys(("moe_intermediate_size", "shared_expert_intermediate_size", "shared_intermediate_size",
                      "moe_shared_expert_intermediate_size", "shared_experts_intermediate_size"), EXPERT_FFN),
     **dict.fromkeys(("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts"), EXPERTS),
-    **dict.fromkeys(("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k", "moe_top_k"), TOP_K),
+    **dict.fromkeys(("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k", "moe_top_k", "moe_k"), TOP_K),
     **dict.fromkeys(("n_shared_experts", "num_shared_experts", "n_group", "topk_group", "num_expert_group",
                      "first_k_dense_replace", "zero_expert_num"), 1),
     **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "max_sequence_length",
@@ -88,6 +88,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "lfm2_moe": {"layer_types": ["full_attention", "conv"], "num_dense_layers": 1},
     "mamba2": {"num_heads": 8, "n_groups": 1},
     "bamba": {"attn_layer_indices": [1]},
+    "deepseek_v2": {"num_experts_per_tok": TOP_K, "first_k_dense_replace": 1},
+    "ernie4_5_moe": {"moe_layer_start_index": 1, "moe_layer_end_index": 1},
 }
 
 
