@@ -181,13 +181,6 @@ def shrink(fields: dict[str, Any], vocab_size: int, token_ids: dict[str, int], d
     return out
 
 
-def _set(config: PretrainedConfig, key: str, value: Any) -> None:
-    try:
-        setattr(config, key, value)
-    except Exception:  # noqa: BLE001 - some configs validate on assignment; the class then builds as it can
-        config.__dict__[key] = value
-
-
 def tiny_config(model_type: str, vocab_size: int = 512, token_ids: dict[str, int] | None = None) -> PretrainedConfig:
     """The class's default config, shrunk (`shrink`), with `OVERRIDES[model_type]` (on the text config too)."""
     token_ids = token_ids if token_ids is not None else {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
