@@ -128,7 +128,7 @@ def test_batched_sampling_equals_one_by_one(tiny_llada, sampler):
     assert not (batched == family.mask_id).any()
 
 
-def test_eval_reads_the_canvas_by_default_and_a_causal_model_48_tokens(tiny_llada):
+def test_eval_reads_the_canvas_by_default_and_a_causal_model_96_tokens(tiny_llada):
     from subspace.evaluation.evaluator import Evaluator
     from subspace.models.bundle import ModelBundle
 
@@ -137,7 +137,7 @@ def test_eval_reads_the_canvas_by_default_and_a_causal_model_48_tokens(tiny_llad
     assert Evaluator(bundle, LLaDAFamily(model, canvas_length=16)).max_new_tokens == 16  # eval.max_new_tokens=null
     assert Evaluator(bundle, LLaDAFamily(model, canvas_length=16), max_new_tokens=24).max_new_tokens == 24
     causal = tiny_random_causal()
-    assert Evaluator(causal, family_for(causal.model)).max_new_tokens == 48
+    assert Evaluator(causal, family_for(causal.model)).max_new_tokens == 96
 
 
 def test_sampler_schedule_rejects_lengths_that_do_not_tile():
