@@ -77,6 +77,8 @@ class Family:
         self.layers_path, self.layers = self._find_layers(model)
         self.hidden_size: int = model.config.get_text_config().hidden_size  # composite configs keep it there
         self.num_layers = len(self.layers)
+        if self.TRACE_WRITERS:
+            _ = self.traces  # now, while the model is whole: before any sharding, hooks or merges
 
     def _find_layers(self, model: nn.Module) -> tuple[str, nn.ModuleList]:
         """The decoder layer list: at a hinted path, else the first `ModuleList` as long as the text config's layer

@@ -141,9 +141,14 @@ def trace_layers(model: nn.Module, layers: nn.ModuleList, hidden: int, input_ids
                     pre, post = record(i, name)
                     handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
                     handles.append(module.register_forward_hook(post))
-        with torch.enable_grad():
-            model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
-            traces = [_walk(i, layer_io.get(i), outputs, inputs, names[i]) for i in range(len(layers))]
+        was_training = model.training
+        model.eval()  # dropout off: the graph is the one the edit meets at inference
+        try:
+            with torch.enable_grad():
+                model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), use_cache=False)
+                traces = [_walk(i, layer_io.get(i), outputs, inputs, names[i]) for i in range(len(layers))]
+        finally:
+            model.train(was_training)
     finally:
         for handle in handles:
             handle.remove()
