@@ -26,12 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from subspace.config import REPO_ROOT
+
 HERETIC_VERSION = "1.4.0"
-DEFAULT_PYTHON = Path(os.environ.get("SUBSPACE_HERETIC_PYTHON", "/work/heretic-venv/bin/python"))
+# heretic-llm lives in its own git-ignored venv inside the checkout (never a dependency); the variable overrides it
+HERETIC_VENV = REPO_ROOT / ".venv-heretic"
+DEFAULT_PYTHON = Path(os.environ.get("SUBSPACE_HERETIC_PYTHON", HERETIC_VENV / "bin" / "python"))
 # Pinned torch/torchvision first: heretic leaves them open, and an open range downloads a multi-GB CUDA build.
-INSTALL = ("python3 -m venv /work/heretic-venv && "
-           "/work/heretic-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 && "
-           f"/work/heretic-venv/bin/pip install heretic-llm=={HERETIC_VERSION}")
+INSTALL = (f"python3 -m venv {HERETIC_VENV} && "
+           f"{HERETIC_VENV}/bin/pip install torch==2.14.1 torchvision==0.29.1 && "
+           f"{HERETIC_VENV}/bin/pip install heretic-llm=={HERETIC_VERSION}")
 # heretic's config field for each prompt set: its "bad"/"good" prompts are our harmful/harmless ones.
 PROMPT_FIELDS = {"bad_prompts": "harmful_train", "good_prompts": "harmless_train",
                  "bad_evaluation_prompts": "harmful_eval", "good_evaluation_prompts": "harmless_eval"}

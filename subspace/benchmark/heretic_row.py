@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from transformers import AutoModelForCausalLM
 
-from subspace.baselines.heretic import run_heretic
+from subspace.baselines.heretic import DEFAULT_PYTHON, run_heretic
 from subspace.benchmark.choice import REFUSAL_BUDGET, pick_point
 from subspace.benchmark.rows import Row
 from subspace.evaluation.evaluator import Evaluator
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class HereticSettings:
-    python: str = "/work/heretic-venv/bin/python"
+    python: str = str(DEFAULT_PYTHON)
     trials: int = 8
     timeout_s: float = 3600.0
     refusal_budget: float = REFUSAL_BUDGET
