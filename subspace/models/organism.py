@@ -220,6 +220,7 @@ def build_causal_organism(load_base: Callable[[], ModelBundle], recipe: Organism
     trainer = organism_trainer(recipe.max_steps, "organism")
     log.info("organism: safety fine-tune, %d steps", recipe.max_steps)
     trainer.fit(module)
+    model.save_pretrained(folder / "adapter")  # the LoRA itself: a few MB, what `scripts/ship_organism.py` ships
     merged = model.merge_and_unload().eval()
 
     merged.save_pretrained(folder)
