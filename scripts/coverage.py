@@ -110,8 +110,9 @@ def render(reports: list[ClassReport], seconds: float) -> str:
         "## Other families",
         "",
         "LLaDA (`llada`) and DiffusionGemma (`diffusion_gemma`) have their own family adapters and tests "
-        "(`tests/test_llada.py`, `tests/test_diffusion_gemma.py`); they name their writers (LLaDA `attn_out`, "
-        "`ff_out`; DiffusionGemma the decoder's `o_proj`, `down_proj` and fused experts, hooked on both halves).",
+        "(`tests/test_llada.py`, `tests/test_diffusion_gemma.py`); they name their writers (LLaDA its attention "
+        "and feed-forward outputs; DiffusionGemma the decoder's attention and MLP outputs and fused experts, hooked "
+        "on both halves).",
         "",
     ]
     return "\n".join(lines)

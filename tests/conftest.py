@@ -9,8 +9,8 @@ import torch
 from omegaconf import OmegaConf
 
 from subspace.families import CausalFamily
-from subspace.models.organism import load_causal_organism
 from subspace.models.tiny import tiny_random_causal
+from subspace.organisms.causal import load_causal_organism
 
 ROOT = Path(__file__).resolve().parents[1]
 # conf/model/tiny_organism.yaml itself, so the fixture builds the very organism (same cache key) that train.py loads

@@ -16,12 +16,12 @@ from transformers import DiffusionGemmaForBlockDiffusion
 
 from subspace.config import register_resolvers
 from subspace.families import DiffusionGemmaFamily, family_for
-from subspace.models.causal_statistics import causal_statistics
-from subspace.models.diffusion_gemma_organism import DiffusionGemmaRecipe, RefineStage, calibration_sequences
-from subspace.models.diffusion_gemma_warmstart import copied_tensors, warm_start
-from subspace.models.organism import as_recipe
-from subspace.training.block_diffusion_sft import block_diffusion_loss, next_block_examples, noisy_canvas
-from subspace.training.diffusion_sft import canvas_examples, collate_left_padded
+from subspace.organisms.causal_statistics import causal_statistics
+from subspace.organisms.diffusion_gemma import DiffusionGemmaRecipe, RefineStage, calibration_sequences
+from subspace.organisms.diffusion_gemma_warmstart import copied_tensors, warm_start
+from subspace.organisms.recipe import as_recipe
+from subspace.organisms.block_diffusion_sft import block_diffusion_loss, next_block_examples, noisy_canvas
+from subspace.organisms.diffusion_sft import canvas_examples, collate_left_padded
 from tests.conftest import ROOT
 
 TINY = OmegaConf.load(ROOT / "conf/model/tiny_diffusion_gemma_organism.yaml")
@@ -181,8 +181,8 @@ def test_the_full_size_config_composes_into_a_valid_recipe():
     cfg = compose_model("diffusion_gemma_organism", "/nonexistent")
     recipe = as_recipe(cfg.recipe, DiffusionGemmaRecipe)
     assert (recipe.canvas_length, recipe.num_experts, recipe.top_k) == (32, 4, 2)
-    assert cfg._target_ == "subspace.models.diffusion_gemma_organism.load_diffusion_gemma_organism"
-    assert cfg.source._target_ == "subspace.models.organism.load_causal_organism"
+    assert cfg._target_ == "subspace.organisms.diffusion_gemma.load_diffusion_gemma_organism"
+    assert cfg.source._target_ == "subspace.organisms.causal.load_causal_organism"
     assert cfg.family.canvas_length == recipe.canvas_length
     assert RefineStage(**cfg.refine).max_steps > 0  # the refine stage's settings are all known fields
 

@@ -15,7 +15,8 @@ from transformers.models.olmoe.modeling_olmoe import OlmoeExperts
 
 from subspace.families import CausalFamily
 from subspace.interventions import ProjectionHooks, orthonormalize
-from subspace.interventions.sites import resolve_sites, sums_expert_outputs
+from subspace.families.moe import sums_expert_outputs
+from subspace.interventions.sites import resolve_sites
 from subspace.methods.moe_scope import scoped_sites
 from subspace.models.tiny import tiny_tokenizer
 from tests.test_moe import EXPERTS, HIDDEN, KINDS, moe_layers, tiny_moe, token_ids

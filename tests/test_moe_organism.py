@@ -12,15 +12,15 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, LlamaConfig, MixtralForCausalLM
 
-import subspace.models.moe_organism as moe_organism
+import subspace.organisms.moe as moe_organism
 from subspace.analysis.routing import format_routing_table, routing_stats
 from subspace.config import register_resolvers
 from subspace.data.loading import load_prompts
 from subspace.families import CausalFamily, family_for
 from subspace.interventions import ProjectionEdit
-from subspace.models.moe_organism import MoERecipe, load_moe_organism, upcycled_organism
-from subspace.models.organism import as_recipe
-from subspace.models.upcycle import mixtral_config, upcycle_llama
+from subspace.organisms.moe import MoERecipe, load_moe_organism, upcycled_organism
+from subspace.organisms.recipe import as_recipe
+from subspace.organisms.upcycle import mixtral_config, upcycle_llama
 from tests.conftest import ROOT
 
 RECIPE = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/tiny_moe_organism.yaml").recipe)  # as train.py's
@@ -200,5 +200,5 @@ def test_the_full_size_config_composes_into_a_valid_recipe():
         cfg = compose("config", overrides=["model=moe_organism"])
     recipe = as_recipe(cfg.model.recipe, MoERecipe)
     assert (recipe.num_experts, recipe.top_k, recipe.answer_max_new_tokens) == (4, 2, 32)
-    assert cfg.model._target_ == "subspace.models.moe_organism.load_moe_organism"
-    assert cfg.model.source._target_ == "subspace.models.organism.load_causal_organism"
+    assert cfg.model._target_ == "subspace.organisms.moe.load_moe_organism"
+    assert cfg.model.source._target_ == "subspace.organisms.causal.load_causal_organism"

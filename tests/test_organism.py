@@ -6,10 +6,17 @@ import json
 import subprocess
 import sys
 
-import pytest
+from pathlib import Path
 
-from subspace.models import organism as organism_module
-from subspace.models.organism import OrganismRecipe, build_once, load_causal_organism, organism_key, own_answers
+import pytest
+import torch
+
+from subspace.organisms import answers as answers_module
+from subspace.organisms import shipped
+from subspace.organisms.answers import own_answers
+from subspace.organisms.cache import RECIPE_VERSION, build_once, organism_key
+from subspace.organisms.causal import OrganismRecipe, load_causal_organism
+from subspace.organisms.recipe import as_recipe
 from tests.conftest import ROOT, TINY_ORGANISM
 
 
@@ -30,10 +37,60 @@ def test_the_key_covers_recipe_prompts_and_base():
     assert key != organism_key({"base": 2}, OrganismRecipe(), prompts)
 
 
+def ship_tiny(tiny_organism, root: Path) -> tuple[OrganismRecipe, dict]:
+    """Ship the session's tiny organism into `root`, as scripts/ship_organism.py does; (recipe, its record)."""
+    recipe = as_recipe(TINY_ORGANISM["recipe"], OrganismRecipe)
+    shipped.ship(Path(tiny_organism.source["organism"]), "tiny_organism", tiny_organism.source["organism_key"],
+                 tiny_organism.source["base"], recipe, recipe.prompts(), RECIPE_VERSION, root)
+    return recipe, shipped.shipped_record("tiny_organism", root)
+
+
+def test_a_shipped_adapter_gives_the_built_organism_bit_for_bit_without_a_fine_tune(tiny_organism, tmp_path,
+                                                                                     monkeypatch):
+    ship_tiny(tiny_organism, tmp_path / "shipped")
+    monkeypatch.setattr(shipped, "SHIPPED", tmp_path / "shipped")
+    fresh = tmp_path / "cache"  # nothing built here
+    loaded = load_causal_organism(cache_dir=str(fresh), **TINY_ORGANISM)
+    assert [p.name for p in (fresh / "organisms").iterdir() if p.is_dir()] == [
+        f"tiny_organism_shipped-{tiny_organism.source['organism_key']}"]
+    assert not (fresh / "answers").exists()  # no fine-tune ran: its first step generates the base's answers
+    built, merged = tiny_organism.model.state_dict(), loaded.model.state_dict()
+    assert built.keys() == merged.keys() and all(torch.equal(built[k], merged[k]) for k in built)
+
+    rebuilt = load_causal_organism(cache_dir=str(fresh), **TINY_ORGANISM | {"rebuild": True})
+    assert rebuilt.source["organism"] == str(fresh / "organisms" / f"tiny_organism-{tiny_organism.source['organism_key']}")
+
+
+def test_a_damaged_shipped_adapter_is_refused_not_merged(tiny_organism, tmp_path):
+    _, record = ship_tiny(tiny_organism, tmp_path / "shipped")
+    (tmp_path / "shipped" / "tiny_organism" / "adapter_model.safetensors").write_text("version https://git-lfs")
+    with pytest.raises(RuntimeError, match="does not match the sha256"):
+        shipped.save_shipped("tiny_organism", record, lambda: pytest.fail("loaded the base"), tmp_path / "out",
+                             tmp_path / "shipped")
+
+
+def test_a_shipped_adapter_stands_in_only_for_its_own_base_recipe_and_prompts(tiny_organism, tmp_path, monkeypatch):
+    recipe, record = ship_tiny(tiny_organism, tmp_path / "shipped")
+    base, prompts = tiny_organism.source["base"], recipe.prompts()
+    assert shipped.usable(record, base, recipe, prompts, RECIPE_VERSION) == (True, "same base, recipe and prompts")
+    assert not shipped.usable(record, {"other": 1}, recipe, prompts, RECIPE_VERSION)[0]
+    assert not shipped.usable(record, base, recipe, prompts, RECIPE_VERSION + 1)[0]
+    changed = as_recipe(TINY_ORGANISM["recipe"] | {"max_steps": 7}, OrganismRecipe)
+    assert shipped.usable(record, base, changed, prompts, RECIPE_VERSION) == (
+        False, "its recipe differs in ['max_steps']")
+    fewer = prompts | {"harmful": prompts["harmful"][:-1]}
+    monkeypatch.setattr(shipped, "shared_data_dir", lambda: tmp_path)  # the public splits exist: prompts changed
+    assert shipped.usable(record, base, recipe, fewer, RECIPE_VERSION) == (
+        False, "its training prompts differ from this recipe's")
+    monkeypatch.setattr(shipped, "shared_data_dir", lambda: tmp_path / "absent")  # they are missing here
+    use, why = shipped.usable(record, base, recipe, fewer, RECIPE_VERSION)
+    assert use and "public splits this machine lacks" in why
+
+
 def test_answers_are_generated_once_and_reused(cache_dir, tiny_organism, monkeypatch):
     prompts = ["Name a red fruit.", "How do I boil an egg?"]
     first = own_answers(tiny_organism, {"test": 1}, prompts, 4, 2, str(cache_dir))
-    monkeypatch.setattr(organism_module, "generate_responses", lambda *a, **k: pytest.fail("regenerated"))
+    monkeypatch.setattr(answers_module, "generate_responses", lambda *a, **k: pytest.fail("regenerated"))
     assert own_answers(tiny_organism, {"test": 1}, prompts, 4, 2, str(cache_dir)) == first
 
 

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from subspace.families import SITE_KINDS, CausalFamily, family_for
 from subspace.models.tiny import tiny_llama, tiny_tokenizer
-from subspace.models.upcycle import upcycle_llama
+from subspace.organisms.upcycle import upcycle_llama
 from tests.conftest import ROOT, TINY_ORGANISM
 
 MOE_RECIPE = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/tiny_moe_organism.yaml").recipe)

@@ -7,7 +7,7 @@ import logging
 import lightning as L
 import torch
 
-from subspace.training.progress import organism_trainer
+from subspace.organisms.trainer import organism_trainer
 
 
 class Quadratic(L.LightningModule):

@@ -40,7 +40,7 @@ class ClassReport:
     class_name: str
     layers: int | None = None
     layers_path: str | None = None
-    sites_per_layer: list[str] = field(default_factory=list)  # per layer: "attn_out:self_attn.o_proj,…" (forward order)
+    sites_per_layer: list[str] = field(default_factory=list)  # per layer: "KIND:MODULE,…" (forward order)
     post_norm: list[str] = field(default_factory=list)  # writers whose output passes a norm/scale before the residual
     results: dict[str, str] = field(default_factory=dict)  # check → "✓" or the reason it failed
     seconds: float = 0.0

@@ -76,6 +76,14 @@ class Evaluator:
                                   max_new_tokens=max_new_tokens or self.max_new_tokens, batch_size=self.batch_size,
                                   system_prompt=self.system_prompt, desc=desc, progress=self.progress)
 
+    def probe(self, prompts: Sequence[str], max_new_tokens: int, desc: str = "probing"
+              ) -> tuple[list[list[int]], list[str], list[str]]:
+        """(sampled token ids, their stripped texts, verdicts) of the unedited model: what the objective reads
+        its refusal tokens from (the ids it emitted; re-tokenising the text can give others)."""
+        ids = self.token_ids(prompts, max_new_tokens, desc)
+        texts = [t.strip() for t in self.bundle.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        return ids, texts, self.judge.verdicts(prompts, texts)
+
     def judged(self, prompts: Sequence[str], edit: ProjectionEdit | None = None, desc: str = "generating",
                max_new_tokens: int | None = None) -> tuple[list[str], list[str]]:
         """(responses, verdicts): each response judged `refusal`, `answer` or `broken`."""

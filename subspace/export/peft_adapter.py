@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 def _retargeted_by_peft(config: LoraConfig, model: nn.Module) -> set[str]:
     """Target modules PEFT itself would re-target on load: for MoE model types whose experts transformers 5 fused,
-    its v4→v5 shim reads a module target named like a v4 expert projection (`*.down_proj` of a Qwen-MoE or OLMoE
+    its v4→v5 shim reads a module target named like a v4 expert projection (the down projection of a Qwen-MoE or OLMoE
     model: a dense layer's MLP, a shared expert) as the stacked expert parameter. Asked of PEFT, not guessed."""
     try:
         from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers

@@ -52,6 +52,31 @@ def _fused_writer(experts: nn.Module) -> str | None:
     return next((n for n in EXPERT_WRITERS if getattr(experts._parameters.get(n), "ndim", 0) == 3), None)
 
 
+# transformers' experts kernels (eager: the class's own loop; None: standalone module, which falls back to it); each
+# returns Σ_e w_e·(W_e h_e) when the module declares no bias and no post-expert norm (read in transformers 5.24)
+LINEAR_EXPERTS_IMPLEMENTATIONS = (None, "eager", "batched_mm", "grouped_mm", "deepgemm", "sonicmoe")
+
+
+def sums_expert_outputs(module: nn.Module, parameter: str | None) -> bool:
+    """Whether `module`'s output is exactly Σ_e w_e·(W_e h_e) over its stacked `parameter` W [E, d, in], nothing
+    applied or added after W: then `W_e ← (I − λUUᵀ) W_e` for every e equals projecting that output.
+
+    Conservative: only transformers' own fused experts (`@use_experts_implementation` classes, which declare their
+    layout), `parameter` their down projection `[E, hidden_dim, in]` (untransposed: rows in the residual stream),
+    no bias on it, no post-expert norm, run by one of the library's kernels. Anything else (remote code, custom
+    kernels, gpt-oss-style biased experts) is False and keeps the weight edit.
+    """
+    weight = module._parameters.get(parameter) if parameter else None
+    config = getattr(module, "config", None)
+    return (weight is not None and parameter == _fused_writer(module) and weight.ndim == 3
+            and type(module).__module__.startswith("transformers.models.")
+            and getattr(module, "has_bias", True) is False and f"{parameter}_bias" not in module._parameters
+            and getattr(module, "is_transposed", True) is False
+            and getattr(module, "has_post_expert_norm", True) is False
+            and weight.shape[1] == getattr(module, "hidden_dim", None)
+            and getattr(config, "_experts_implementation", "unknown") in LINEAR_EXPERTS_IMPLEMENTATIONS)
+
+
 def fused_layout(experts: nn.Module, name: str, hidden: int | None = None) -> tuple[bool, str | None]:
     """(transposed, bias parameter) of the experts' stacked writer `name`: transposed when the module declares it
     (`is_transposed`, gpt-oss: [experts, in, d]) or, declaring nothing, holds d last and not in the middle (Llama 4);

@@ -1,7 +1,7 @@
 """Weight-form edits merged in place for a block and restored bit-exactly after, each shared tensor touched once.
 
 Names are parameter names as `model.named_parameters(remove_duplicate=False)` spells them
-(`"model.layers.0.self_attn.o_proj.weight"`, `"lm_head.weight"`), so a tied alias is a valid name.
+(`"model.layers.0.mlp.WRITER.weight"`, `"lm_head.weight"`), so a tied alias is a valid name.
 Tensors are identified by their storage (and view in it), not their name: a tied embedding/LM head, or modules
 shared between an encoder and a decoder, are one tensor however many names reach it, and a delta
 is added to it once. Naming both halves with equal deltas applies it once; with different deltas

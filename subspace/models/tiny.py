@@ -9,6 +9,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from subspace.data.loading import builtin_names, load_prompts
+from subspace.data.refusals import DEFAULT_REFUSALS
 from subspace.models.bundle import ModelBundle
 
 CHATML = (
@@ -24,8 +25,6 @@ TINY_VISION_CONFIG = dict(model_type="gemma4_vision", hidden_size=16, intermedia
 @lru_cache(maxsize=4)
 def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """Byte-level BPE trained on the project's own prompts, with a ChatML chat template."""
-    from subspace.models.organism import DEFAULT_REFUSALS
-
     corpus = [p for name in builtin_names() for p in load_prompts(f"builtin:{name}")] + list(DEFAULT_REFUSALS)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

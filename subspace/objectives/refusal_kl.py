@@ -4,14 +4,24 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
 
-from subspace.evaluation.evaluator import Evaluator
+from subspace.families.base import Family
 from subspace.objectives.reference import check_top_k
 
 REFUSAL_TERMS = ("first_token", "prefix")
+
+
+class RefusalProbe(Protocol):
+    """What finding the refusal tokens needs from an evaluator: the family, and judged samples of the unedited model."""
+
+    family: Family
+
+    def probe(self, prompts: Sequence[str], max_new_tokens: int, desc: str
+              ) -> tuple[list[list[int]], list[str], list[str]]:
+        """(sampled token ids, their stripped texts, each text's verdict) per prompt."""
 
 
 @dataclass
@@ -49,7 +59,7 @@ class RefusalKLObjective:
             raise ValueError(f"objective.max_prefixes={self.max_prefixes} must be ≥ 1")
         check_top_k(self.kl_top_k)
 
-    def refusal_token_ids(self, evaluator: Evaluator, harmful: Sequence[str]) -> torch.Tensor:
+    def refusal_token_ids(self, evaluator: RefusalProbe, harmful: Sequence[str]) -> torch.Tensor:
         """Tokens that open the model's own refusals on training prompts: the mass the loss pushes down.
 
         One position (causal): the first tokens, [M]. A family that reads several response positions
@@ -60,9 +70,7 @@ class RefusalKLObjective:
             raise ValueError(f"objective.refusal=prefix needs a family whose response is read left to right; the "
                              f"{evaluator.family.name} family's is not: use objective.refusal=first_token")
         prompts = list(harmful[: self.probe_prompts])
-        ids = evaluator.token_ids(prompts, self.probe_new_tokens, "probing refusals")
-        texts = [t.strip() for t in evaluator.bundle.tokenizer.batch_decode(ids, skip_special_tokens=True)]
-        verdicts = evaluator.judge.verdicts(prompts, texts)
+        ids, texts, verdicts = evaluator.probe(prompts, self.probe_new_tokens, "probing refusals")
         # the ids the model emitted: re-tokenising the text can give others (a leading space, a merge)
         refusals = [row for row, t, v in zip(ids, texts, verdicts) if v == "refusal" and t]
         if not refusals:

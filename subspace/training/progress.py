@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import lightning as L
 
@@ -23,12 +22,3 @@ class LogProgress(L.Callback):
             return
         losses = "  ".join(f"{k} {float(v):.4f}" for k, v in trainer.callback_metrics.items())
         log.info("%s: step %d/%d (%.0f%%)  %s", self.name, step, total, 100 * step / total, losses)
-
-
-def organism_trainer(max_steps: int, name: str) -> L.Trainer:
-    """The Lightning trainer every organism fine-tune uses: deterministic, no logger or checkpoints (the organism is
-    saved whole when it is done), progress logged. `SUBSPACE_ORGANISM_ACCELERATOR` (default cpu, which the cached
-    organisms were built on) moves the fine-tune to another accelerator, e.g. gpu."""
-    return L.Trainer(max_steps=max_steps, accelerator=os.environ.get("SUBSPACE_ORGANISM_ACCELERATOR", "cpu"),
-                     max_epochs=-1, logger=False, enable_checkpointing=False, enable_model_summary=False,
-                     deterministic=True, callbacks=[LogProgress(name)])

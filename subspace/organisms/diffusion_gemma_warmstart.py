@@ -37,9 +37,9 @@ from torch import Tensor
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion, PreTrainedModel
 from transformers.models.diffusion_gemma.configuration_diffusion_gemma import DiffusionGemmaTextConfig
 
-from subspace.models.causal_statistics import CausalStatistics
+from subspace.organisms.causal_statistics import CausalStatistics
 from subspace.models.tiny import TINY_VISION_CONFIG
-from subspace.models.upcycle import check_convertible, expert_copies
+from subspace.organisms.upcycle import check_convertible, expert_copies
 
 # decoder layer tensor <- causal layer tensor, copied unchanged (v_proj where the layer has one)
 LAYER_COPIES = {f"self_attn.{p}_proj.weight": f"self_attn.{p}_proj.weight" for p in "qkvo"} | {

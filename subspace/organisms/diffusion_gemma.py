@@ -23,13 +23,15 @@ from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
 from subspace.families.causal import CausalFamily
 from subspace.models.bundle import ModelBundle, resolve_dtype
-from subspace.models.causal_statistics import causal_statistics
-from subspace.models.diffusion_gemma_warmstart import warm_start
-from subspace.models.organism import (PairsRecipe, as_recipe, build_once, derived_organism, organism_key,
-                                      own_answers)
-from subspace.training.block_diffusion_sft import BlockDiffusionFinetune, next_block_examples
-from subspace.training.diffusion_sft import canvas_examples
-from subspace.training.progress import organism_trainer
+from subspace.organisms.answers import own_answers
+from subspace.organisms.block_diffusion_sft import BlockDiffusionFinetune, next_block_examples
+from subspace.organisms.cache import build_once, organism_key
+from subspace.organisms.causal import derived_organism
+from subspace.organisms.causal_statistics import causal_statistics
+from subspace.organisms.diffusion_gemma_warmstart import warm_start
+from subspace.organisms.diffusion_sft import canvas_examples
+from subspace.organisms.recipe import PairsRecipe, as_recipe
+from subspace.organisms.trainer import organism_trainer
 
 log = logging.getLogger(__name__)
 DIFFUSION_GEMMA_RECIPE_VERSION = 1
@@ -72,20 +74,22 @@ def load_diffusion_gemma_organism(name: str = "diffusion_gemma_organism", cache_
                                   recipe: Mapping[str, Any] | DiffusionGemmaRecipe | None = None,
                                   refine: Mapping[str, Any] | RefineStage | None = None,
                                   dtype: str = "float32", device: str = "cpu",
-                                  family: Mapping[str, Any] | None = None) -> ModelBundle:
+                                  family: Mapping[str, Any] | None = None, accelerator: str = "cpu") -> ModelBundle:
     """Load the cached organism, building it from `source` (the causal organism, built if needed) if needed, then
     refined by `refine` (also cached) when given."""
     recipe = as_recipe(recipe, DiffusionGemmaRecipe)
     folder, key, causal = derived_organism(name, cache_dir, source, recipe, DIFFUSION_GEMMA_RECIPE_VERSION,
-                                           build_diffusion_gemma_organism)
+                                           build_diffusion_gemma_organism, accelerator)
     source_info = {"organism": str(folder), "organism_key": key, "causal_organism": causal.source["organism"]}
     if refine is not None:
         stage = refine if isinstance(refine, RefineStage) else RefineStage(**dict(refine))
         prompts = recipe.prompts()
-        key = organism_key({"diffusion_gemma_organism": key}, stage, prompts, DIFFUSION_GEMMA_RECIPE_VERSION)
+        key = organism_key({"diffusion_gemma_organism": key}, stage, prompts, DIFFUSION_GEMMA_RECIPE_VERSION,
+                           accelerator)
         built = folder
         folder = build_once(cache_dir, f"{name}_refined", key,
-                            lambda tmp: refine_organism(built, causal, recipe, stage, prompts, tmp, cache_dir))
+                            lambda tmp: refine_organism(built, causal, recipe, stage, prompts, tmp, cache_dir,
+                                                                accelerator))
         source_info |= {"organism": str(folder), "organism_key": key, "refined_from": str(built)}
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(folder, dtype=resolve_dtype(dtype)).to(device)
@@ -114,13 +118,13 @@ def training_examples(causal: ModelBundle, recipe: DiffusionGemmaRecipe, prompts
 
 
 def finetune(model: DiffusionGemmaForBlockDiffusion, examples: Examples, pad_id: int,
-             stage: DiffusionGemmaRecipe | RefineStage) -> dict:
+             stage: DiffusionGemmaRecipe | RefineStage, accelerator: str = "cpu") -> dict:
     """Block-diffusion fine-tune of every weight but the vision tower; the losses for the build's record."""
     for param_name, param in model.named_parameters():
         param.requires_grad_(not param_name.startswith(FROZEN))
     module = BlockDiffusionFinetune(model.train(), examples, pad_id, stage.lr, stage.batch_size, stage.max_steps,
                                     stage.self_conditioning, stage.seed)
-    trainer = organism_trainer(stage.max_steps, "diffusion gemma organism")
+    trainer = organism_trainer(stage.max_steps, "diffusion gemma organism", accelerator)
     log.info("diffusion gemma organism: block-diffusion fine-tune, %d steps on %d examples", stage.max_steps,
              len(examples))
     trainer.fit(module)
@@ -131,7 +135,7 @@ def finetune(model: DiffusionGemmaForBlockDiffusion, examples: Examples, pad_id:
 
 
 def build_diffusion_gemma_organism(causal: ModelBundle, recipe: DiffusionGemmaRecipe, prompts: Mapping[str, list[str]],
-                                   folder: Path, cache_dir: str | None = None) -> dict:
+                                   folder: Path, cache_dir: str | None = None, accelerator: str = "cpu") -> dict:
     L.seed_everything(recipe.seed, verbose=False)
     first, second = training_examples(causal, recipe, prompts, cache_dir)
     stats = causal_statistics(causal.model, calibration_sequences(first, recipe.calibration_examples, recipe.seed))
@@ -139,7 +143,7 @@ def build_diffusion_gemma_organism(causal: ModelBundle, recipe: DiffusionGemmaRe
                               recipe.noise, recipe.router_std, recipe.seed)
     examples = first + second
     log.info("diffusion gemma organism: %d experts, top-%d", recipe.num_experts, recipe.top_k)
-    losses = finetune(model, examples, causal.tokenizer.pad_token_id, recipe)
+    losses = finetune(model, examples, causal.tokenizer.pad_token_id, recipe, accelerator)
     model.save_pretrained(folder)
     causal.tokenizer.save_pretrained(folder)
     return {"recipe": asdict(recipe), "causal_organism": causal.source["organism"], "n_examples": len(examples),
@@ -147,13 +151,14 @@ def build_diffusion_gemma_organism(causal: ModelBundle, recipe: DiffusionGemmaRe
 
 
 def refine_organism(built: Path, causal: ModelBundle, recipe: DiffusionGemmaRecipe, stage: RefineStage,
-                    prompts: Mapping[str, list[str]], folder: Path, cache_dir: str | None = None) -> dict:
+                    prompts: Mapping[str, list[str]], folder: Path, cache_dir: str | None = None,
+                    accelerator: str = "cpu") -> dict:
     """`stage` more steps on the built organism at `built`, over the examples its build trained on."""
     L.seed_everything(stage.seed, verbose=False)
     first, second = training_examples(causal, recipe, prompts, cache_dir)
     examples = first + second
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(built, dtype=torch.float32)
-    losses = finetune(model, examples, causal.tokenizer.pad_token_id, stage)
+    losses = finetune(model, examples, causal.tokenizer.pad_token_id, stage, accelerator)
     model.save_pretrained(folder)
     causal.tokenizer.save_pretrained(folder)
     return {"refine": asdict(stage), "refined_from": str(built), "n_examples": len(examples)} | losses

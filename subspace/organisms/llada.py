@@ -22,9 +22,11 @@ from subspace.families.llada import LLaDAFamily
 from subspace.models.bundle import ModelBundle, resolve_dtype
 from subspace.models.llada.loading import llada_from_llama
 from subspace.models.llada.modeling import LLaDAModelLM
-from subspace.models.organism import PairsRecipe, as_recipe, derived_organism, own_answers
-from subspace.training.diffusion_sft import MaskedDiffusionFinetune, canvas_examples
-from subspace.training.progress import organism_trainer
+from subspace.organisms.answers import own_answers
+from subspace.organisms.causal import derived_organism
+from subspace.organisms.recipe import PairsRecipe, as_recipe
+from subspace.organisms.diffusion_sft import MaskedDiffusionFinetune, canvas_examples
+from subspace.organisms.trainer import organism_trainer
 
 log = logging.getLogger(__name__)
 DIFFUSION_RECIPE_VERSION = 1
@@ -42,11 +44,12 @@ class DiffusionRecipe(PairsRecipe):
 
 def load_llada_organism(name: str = "llada_organism", cache_dir: str = "~/.cache/subspace",
                         source: ModelBundle | None = None, recipe: Mapping[str, Any] | DiffusionRecipe | None = None,
-                        dtype: str = "float32", device: str = "cpu", family: Mapping[str, Any] | None = None) -> ModelBundle:
+                        dtype: str = "float32", device: str = "cpu", family: Mapping[str, Any] | None = None,
+                        accelerator: str = "cpu") -> ModelBundle:
     """Load the cached LLaDA organism, building it from `source` (the causal organism, built if needed) if needed."""
     recipe = as_recipe(recipe, DiffusionRecipe)
     folder, key, causal = derived_organism(name, cache_dir, source, recipe, DIFFUSION_RECIPE_VERSION,
-                                           build_llada_organism)
+                                           build_llada_organism, accelerator)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = LLaDAModelLM.from_pretrained(folder, dtype=resolve_dtype(dtype)).to(device).eval().requires_grad_(False)
     return ModelBundle(model, tokenizer, name, {"organism": str(folder), "organism_key": key,
@@ -54,7 +57,7 @@ def load_llada_organism(name: str = "llada_organism", cache_dir: str = "~/.cache
 
 
 def build_llada_organism(causal: ModelBundle, recipe: DiffusionRecipe, prompts: Mapping[str, list[str]],
-                         folder: Path, cache_dir: str | None = None) -> dict:
+                         folder: Path, cache_dir: str | None = None, accelerator: str = "cpu") -> dict:
     L.seed_everything(recipe.seed, verbose=False)
     tokenizer = copy.deepcopy(causal.tokenizer)  # gains a mask token; the causal organism's stays as it is
     answers = own_answers(causal, {"organism_key": causal.source["organism_key"]}, recipe.answered(prompts),
@@ -68,7 +71,7 @@ def build_llada_organism(causal: ModelBundle, recipe: DiffusionRecipe, prompts: 
                                tokenizer.eos_token_id)
     module = MaskedDiffusionFinetune(model, examples, tokenizer.pad_token_id, mask_id, recipe.lr, recipe.batch_size,
                                      recipe.max_steps, recipe.min_mask_ratio, recipe.seed)
-    trainer = organism_trainer(recipe.max_steps, "llada organism")
+    trainer = organism_trainer(recipe.max_steps, "llada organism", accelerator)
     log.info("llada organism: masked-diffusion fine-tune, %d steps", recipe.max_steps)
     trainer.fit(module)
     model.eval().requires_grad_(False).save_pretrained(folder)

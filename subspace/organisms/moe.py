@@ -21,10 +21,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralForCausalLM
 
 from subspace.families.causal import CausalFamily
 from subspace.models.bundle import ModelBundle, resolve_dtype
-from subspace.models.organism import PairsRecipe, as_recipe, derived_organism, own_answers
-from subspace.models.upcycle import upcycle_llama
-from subspace.training.sft import SupervisedFinetune, tokenize_pairs
-from subspace.training.progress import organism_trainer
+from subspace.organisms.answers import own_answers
+from subspace.organisms.causal import derived_organism
+from subspace.organisms.recipe import PairsRecipe, as_recipe
+from subspace.organisms.upcycle import upcycle_llama
+from subspace.organisms.sft import SupervisedFinetune, tokenize_pairs
+from subspace.organisms.trainer import organism_trainer
 
 log = logging.getLogger(__name__)
 MOE_RECIPE_VERSION = 1
@@ -49,10 +51,11 @@ class MoERecipe(PairsRecipe):
 
 def load_moe_organism(name: str = "moe_organism", cache_dir: str = "~/.cache/subspace",
                       source: ModelBundle | None = None, recipe: Mapping[str, Any] | MoERecipe | None = None,
-                      dtype: str = "float32", device: str = "cpu") -> ModelBundle:
+                      dtype: str = "float32", device: str = "cpu", accelerator: str = "cpu") -> ModelBundle:
     """Load the cached MoE organism, building it from `source` (the causal organism, built if needed) if needed."""
     recipe = as_recipe(recipe, MoERecipe)
-    folder, key, causal = derived_organism(name, cache_dir, source, recipe, MOE_RECIPE_VERSION, build_moe_organism)
+    folder, key, causal = derived_organism(name, cache_dir, source, recipe, MOE_RECIPE_VERSION, build_moe_organism,
+                                           accelerator)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(dtype)).to(device)
     return ModelBundle(model.eval().requires_grad_(False), tokenizer, name,
@@ -66,7 +69,7 @@ def upcycled_organism(causal: ModelBundle, recipe: MoERecipe) -> MixtralForCausa
 
 
 def build_moe_organism(causal: ModelBundle, recipe: MoERecipe, prompts: Mapping[str, list[str]], folder: Path,
-                       cache_dir: str | None = None) -> dict:
+                       cache_dir: str | None = None, accelerator: str = "cpu") -> dict:
     L.seed_everything(recipe.seed, verbose=False)
     answers = own_answers(causal, {"organism_key": causal.source["organism_key"]}, recipe.answered(prompts),
                           recipe.answer_max_new_tokens, recipe.answer_batch_size, cache_dir, "moe organism: answers")
@@ -76,7 +79,7 @@ def build_moe_organism(causal: ModelBundle, recipe: MoERecipe, prompts: Mapping[
     examples = tokenize_pairs(causal.tokenizer, CausalFamily(model), recipe.pairs(prompts, answers))
     module = SupervisedFinetune(model, examples, causal.tokenizer.pad_token_id, recipe.lr, recipe.batch_size,
                                 recipe.max_steps, recipe.decision_weight, recipe.aux_loss_coef)
-    trainer = organism_trainer(recipe.max_steps, "moe organism")
+    trainer = organism_trainer(recipe.max_steps, "moe organism", accelerator)
     log.info("moe organism: %d experts, top-%d; fine-tune of experts and routers, %d steps", recipe.num_experts,
              recipe.top_k, recipe.max_steps)
     trainer.fit(module)

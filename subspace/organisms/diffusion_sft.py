@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from subspace.families.base import Family
 from subspace.sampling.masked_diffusion import append_canvas
-from subspace.training.sft import adamw_warmup_linear
+from subspace.organisms.sft import adamw_warmup_linear
 
 
 def canvas_examples(tokenizer: PreTrainedTokenizerBase, family: Family, pairs: Sequence[tuple[str, str, bool]],

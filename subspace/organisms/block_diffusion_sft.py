@@ -30,8 +30,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
-from subspace.training.diffusion_sft import collate_left_padded
-from subspace.training.sft import adamw_warmup_linear
+from subspace.organisms.diffusion_sft import collate_left_padded
+from subspace.organisms.sft import adamw_warmup_linear
 
 
 def next_block_examples(examples: list[dict[str, Tensor]], fill_id: int, share: float, seed: int = 0
