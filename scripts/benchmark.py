@@ -32,8 +32,7 @@ def main(cfg: DictConfig) -> dict:
     from subspace.benchmark.heretic_row import HereticSettings, heretic_row, unsupported
     from subspace.benchmark.rows import markdown_table, train_row
     from subspace.benchmark.splits import data_overrides, split_overrides
-    from subspace.evaluation.evaluator import Evaluator
-    from subspace.families import family_for
+    from subspace.evaluation.evaluator import build_evaluator
     from subspace.profiling.measure import profile_training_step
     from subspace.utils.io import write_json
 
@@ -48,7 +47,8 @@ def main(cfg: DictConfig) -> dict:
             for method in cfg.rows if method in TRAIN_ROWS]
 
     bundle = instantiate(cfg.model)
-    family = family_for(bundle.model, cfg.long_prompts, **bundle.family_options)
+    evaluator = build_evaluator(cfg, bundle)
+    family = evaluator.family
     report = {"organism": organism, "split": cfg.split, "settings": OmegaConf.to_container(cfg, resolve=True)}
     report["overhead"] = profile_training_step(family, cfg.method.batch_size, cfg.overhead.prompt_length,
                                                cfg.method.rank, cfg.objective.kl_weight, cfg.overhead.steps,
@@ -57,8 +57,6 @@ def main(cfg: DictConfig) -> dict:
         rows.append(why_not)
     elif "heretic" in cfg.rows:
         data = instantiate(cfg.data, **data_overrides(cfg.split))
-        evaluator = Evaluator(bundle, family, instantiate(cfg.eval.judge), cfg.eval.max_new_tokens,
-                              cfg.eval.batch_size, cfg.system_prompt)
         measured = [r for r in rows if r.refusal_before is not None]
         before = ({"refusal_rate": measured[0].refusal_before} if measured
                   else {"refusal_rate": evaluator.refusals(data["eval_harmful"], desc="harmful before")[0]})

@@ -27,14 +27,12 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate_organism")
 def main(cfg: DictConfig) -> dict:
     from subspace.data.loading import load_prompts
-    from subspace.evaluation.evaluator import Evaluator
-    from subspace.families import family_for
+    from subspace.evaluation.evaluator import build_evaluator
     from subspace.utils.io import write_json, write_jsonl
 
     bundle = instantiate(cfg.model)
-    family = family_for(bundle.model, cfg.long_prompts, **bundle.family_options)
-    evaluator = Evaluator(bundle, family, instantiate(cfg.eval.judge), cfg.eval.max_new_tokens,
-                          cfg.eval.batch_size, cfg.system_prompt)
+    evaluator = build_evaluator(cfg, bundle)
+    family = evaluator.family
     report, rows, sets = {"model": bundle.name, "model_source": bundle.source}, [], {}
     for name, spec in cfg.sets.items():
         prompts = sets[name] = load_prompts(spec.source, limit=spec.limit, name=name)
@@ -48,7 +46,7 @@ def main(cfg: DictConfig) -> dict:
     from subspace.analysis.routing import format_routing_table, has_router_logits, routing_stats
 
     if has_router_logits(family):
-        routing = routing_stats(bundle.model, bundle.tokenizer, sets, cfg.eval.batch_size, family)
+        routing = routing_stats(bundle.model, bundle.tokenizer, sets, evaluator.batch_size, family)
         write_json(out / "routing.json", routing)
         (out / "routing.txt").write_text(format_routing_table(routing) + "\n")
         print(f"routing (router entropy, expert shares per layer): {out / 'routing.txt'}")

@@ -27,16 +27,14 @@ register_resolvers()
 def main(cfg: DictConfig) -> dict:
     from subspace.analysis.post_norm_gap import along_edit, format_gap_table, gap_rows, residual_form
     from subspace.data.loading import load_prompts
-    from subspace.evaluation.evaluator import Evaluator
-    from subspace.families import family_for
+    from subspace.evaluation.evaluator import build_evaluator
     from subspace.interventions.edit import ProjectionEdit
     from subspace.utils.io import write_json
 
     bundle = instantiate(cfg.model)
     model = bundle.model
-    family = family_for(model, cfg.long_prompts, **bundle.family_options)
-    evaluator = Evaluator(bundle, family, instantiate(cfg.eval.judge), cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                          cfg.system_prompt, apply="merged")  # the weight form; the residual form has hooks only
+    evaluator = build_evaluator(cfg, bundle, apply="merged")  # the weight form; the residual form has hooks only
+    family = evaluator.family
     edit = ProjectionEdit.load(cfg.edit)
     residual = residual_form(edit, family)
     harmful = load_prompts(cfg.harmful.source, limit=cfg.harmful.limit, name="harmful")

@@ -16,9 +16,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from subspace.config import REPO_ROOT
-from subspace.evaluation.evaluator import Evaluator
+from subspace.evaluation.evaluator import Evaluator, build_evaluator
 from subspace.export.peft_adapter import export_peft_adapter, save_merged_model
-from subspace.families import family_for
 from subspace.interventions.merge import SHARDED_MERGE
 from subspace.methods.base import Method, RunContext
 from subspace.reporting import git_commit, git_dirty, print_summary, versions
@@ -102,10 +101,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("resuming from %s", ckpt_path)
 
     bundle = instantiate(cfg.model)
-    family = family_for(bundle.model, cfg.long_prompts, **bundle.family_options)
     data = instantiate(cfg.data)
-    evaluator = Evaluator(bundle, family, instantiate(cfg.eval.judge), cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                          cfg.system_prompt, apply=cfg.eval.apply, kl_response_tokens=cfg.eval.kl_response_tokens)
+    evaluator = build_evaluator(cfg, bundle)
+    family = evaluator.family
     if evaluator.apply == "merged" and shards_the_model(cfg.trainer):
         raise ValueError(f"eval.apply=merged (the {family.name} family is evaluated merged) under trainer=fsdp, which "
                          f"shards the weights over the ranks: {SHARDED_MERGE}")  # refused before the training, not after
@@ -126,7 +124,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # a sharded model (trainer=fsdp) gathers every rank's shards in each forward, so every rank evaluates in step
     categories = {split: data.categories(f"eval_{split}") for split in ("harmful", "harmless")}
     results, samples = evaluator.before_after(data["eval_harmful"], data["eval_harmless"], edit, categories)
-    if cfg.eval.on_select and data["select_harmful"]:
+    if evaluator.on_select and data["select_harmful"]:
         results |= selection_metrics(evaluator, data, edit)
     factors = edit.lora_factors(bundle.model) if edit.has_weight_form(bundle.model) else None  # a collective
     if rank_zero_only.rank != 0:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -41,11 +41,10 @@ def unsupported(organism: str, family_name: str) -> Row | None:
 
 
 def evaluator_for(model_dir: Path, like: Evaluator) -> Evaluator:
-    """An evaluator with `like`'s sampler, judge and batch size, on another model (same tokenizer)."""
+    """An evaluator with all of `like`'s settings, on another model (same tokenizer)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=like.bundle.model.dtype).eval()
     bundle = ModelBundle(model, like.bundle.tokenizer, f"heretic:{model_dir.name}", {"pretrained": str(model_dir)})
-    return Evaluator(bundle, family_for(model, like.family.long_prompts), like.judge, like.max_new_tokens,
-                     like.batch_size, like.system_prompt, progress=like.progress)
+    return replace(like, bundle=bundle, family=family_for(model, like.family.long_prompts))
 
 
 def template_system_prompt(tokenizer) -> str | None:

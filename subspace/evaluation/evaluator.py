@@ -8,11 +8,14 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 from torch import Tensor
 
 from subspace.evaluation.generation import generate_responses, generate_token_ids
 from subspace.evaluation.judges import VERDICTS, Judge, MarkerJudge
 from subspace.evaluation.metrics import ResponseKL, VerdictRates
+from subspace.families import family_for
 from subspace.families.base import Family
 from subspace.interventions.edit import ProjectionEdit
 from subspace.models.bundle import ModelBundle
@@ -41,6 +44,7 @@ class Evaluator:
     progress: bool = True
     apply: str = "hooks"
     kl_response_tokens: int = 16  # kl_response: over the first N tokens of the unedited model's own answers
+    on_select: bool = True  # a run also measures its edit on the held-back selection split (what sweeps optimise)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens is None:
@@ -197,3 +201,10 @@ def by_category(categories: Sequence[str | None], verdicts: dict[str, list[str]]
 def describe_judge(judge: Judge) -> str:
     path = getattr(judge, "path", None)
     return type(judge).__name__ + (f" ({path.name})" if path is not None else "")
+
+
+def build_evaluator(cfg: DictConfig, bundle: ModelBundle, **overrides) -> Evaluator:
+    """The evaluator `cfg.eval` describes, for the loaded `bundle` and its family: the one way train.py and every
+    script build it. `overrides` replace config values (a script that must evaluate merged weights: apply="merged")."""
+    family = family_for(bundle.model, cfg.long_prompts, **bundle.family_options)
+    return instantiate(cfg.eval, **overrides)(bundle=bundle, family=family)
