@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from subspace.config import REPO_ROOT
 from subspace.evaluation.evaluator import Evaluator, build_evaluator
+from subspace.export.model_card import write_model_cards
 from subspace.export.peft_adapter import export_peft_adapter, save_merged_model
 from subspace.interventions.merge import SHARDED_MERGE
 from subspace.methods.base import Method, RunContext
@@ -64,6 +65,16 @@ def selection_metrics(evaluator: Evaluator, data, edit) -> dict[str, float]:
             "select_kl": evaluator.kl(data["select_harmless"], edit)}
 
 
+SAMPLE_COLUMNS = ("split", "category", "prompt", "before", "verdict_before", "after", "verdict_after")
+
+
+def log_samples_table(logger, samples: list[dict]) -> None:
+    """The before/after samples and their verdicts as a table beside the curves, for loggers that keep tables
+    (W&B); the others have samples.jsonl in the run directory."""
+    if hasattr(logger, "log_table"):
+        logger.log_table("eval/samples", list(SAMPLE_COLUMNS), [[s.get(c) for c in SAMPLE_COLUMNS] for s in samples])
+
+
 def tuned_overlay() -> str | None:
     """The conf/tuned file this run composed (it overrides conf/method and conf/objective values), if any."""
     try:
@@ -73,6 +84,15 @@ def tuned_overlay() -> str | None:
         return None
     path = f"conf/tuned/{choice}.yaml"
     return path if choice and (REPO_ROOT / path).is_file() else None  # an optional group records absent choices too
+
+
+def run_command() -> str:
+    """The command line that made this run, as a user would retype it."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        return " ".join(["python train.py", *HydraConfig.get().overrides.task])
+    except ValueError:  # not under Hydra (a test composing the config itself)
+        return "python train.py (a config composed in code)"
 
 
 def shards_the_model(trainer: DictConfig) -> bool:
@@ -158,8 +178,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     write_json(run_dir / "metrics.json", metrics)
     write_jsonl(run_dir / "samples.jsonl", samples)
+    write_model_cards(run_dir, metrics, method.describe(), run_command())
     for logger in loggers:
         logger.log_metrics({f"eval/{k}": float(metrics[k]) for k in REPORT_KEYS})
+        log_samples_table(logger, samples)
         logger.save()
     print_summary(metrics, warnings)
     return metrics
