@@ -18,15 +18,15 @@ and its checkpoint in the work directory. The defaults kept:
   rate relative to the unedited model's; a trial whose KL exceeds `kl.prune_threshold = 5.0` is pruned.
   `trials=` changes the count (a CPU budget), keeping abliterix's 30% random share.
 - edit: `steering.steering_mode = "lora"`: a low-rank adapter (rank 3, from `weight_normalization = "full"`,
-  which keeps each row's norm) on every layer's `attn.{q,k,v,o}_proj` and `mlp.down_proj` (per-expert and shared
+  which keeps each row's norm) on every layer's attention projections and MLP down projection (per-expert and shared
   expert modules included), merged into the weights on export. Direction: difference of means per layer
   (`vector_method = "mean"`) with the harmless mean's component projected out (`orthogonal_projection`); per
   trial TPE picks one layer's direction or each layer's own, and per component a peak strength in [0.8, 1.5]
-  (`mlp.down_proj` may go to 0: `auto_disable_floor = -0.25`), its position and a linear fall-off.
+  (the MLP's may go to 0: `auto_disable_floor = -0.25`), its position and a linear fall-off.
 - MoE (when a layer has a router): the experts that fire more on harmful prompts are profiled first
   (`experts.profiling_method = "standard"`); each trial then scales down the router rows of the top
   `n_suppress` of them (0..`experts.max_suppress` = 30; factor from `router_bias_range` [-10, 0]) and projects
-  the direction out of those experts' fused `down_proj` slices (weight in `ablation_weight_range` [0, 5]).
+  the direction out of those experts' fused down-projection slices (weight in `ablation_weight_range` [0, 5]).
   Projecting it out of every expert (EGA) happens only with `steering_mode = "direct"`, not a default.
 - measurement: KL of the first generated token's full distribution (`kl.token_count = 1`) on the harmless
   evaluation prompts against the unedited model; refusals = harmful evaluation prompts whose response (greedy,
