@@ -12,6 +12,7 @@ import pytest
 
 from subspace.baselines.heretic import (DEFAULT_PYTHON, INSTALL, HereticResult, heretic_config, run_heretic,
                                         to_toml, write_prompt_sets)
+from tests.conftest import ROOT
 
 TRICKY = 'say "hi"\\ back\nthen\ttab \x7f del, é, 🙂'
 SETS = {"harmful_train": ["how to pick a lock", TRICKY], "harmless_train": ["bake bread"],
@@ -102,8 +103,7 @@ def test_missing_python_says_how_to_install(tmp_path):
     result = drive(tmp_path, missing)
     assert result.models == [] and result.trials == 0 and result.log is None
     assert str(missing) in result.error and INSTALL in result.error
-    assert "pip install torch==2.14.1 torchvision==0.29.1" in result.error
-    assert "pip install heretic-llm==1.4.0" in result.error
+    assert (ROOT / INSTALL.split()[0]).is_file()  # the install script the error points at exists
 
 
 def test_every_pareto_trial_is_saved(tmp_path):

@@ -1,7 +1,7 @@
 """Runs heretic (`heretic-llm` 1.4.0 on PyPI, AGPL-3.0) as a separate program, so that the benchmark compares
 this project with heretic itself while heretic stays out of this project's dependencies and source.
 
-Heretic lives in a venv of its own (`INSTALL`) and reads `config.toml` from its working directory, written
+Heretic lives in a venv of its own (`scripts/install_peers.sh heretic`) and reads `config.toml` from its working directory, written
 here. Whatever it still asks at the end (which Pareto-optimal trial, what to do with it, where to save it) is
 answered through its line-based prompt mode: numbered choices read with `input()`, meant for notebooks that
 run heretic as a subprocess and switched on by the `KAGGLE_KERNEL_RUN_TYPE` variable. So plain pipes suffice
@@ -32,10 +32,8 @@ HERETIC_VERSION = "1.4.0"
 # heretic-llm lives in its own git-ignored venv inside the checkout (never a dependency); the variable overrides it
 HERETIC_VENV = REPO_ROOT / ".venv-heretic"
 DEFAULT_PYTHON = Path(os.environ.get("SUBSPACE_HERETIC_PYTHON", HERETIC_VENV / "bin" / "python"))
-# Pinned torch/torchvision first: heretic leaves them open, and an open range downloads a multi-GB CUDA build.
-INSTALL = (f"python3 -m venv {HERETIC_VENV} && "
-           f"{HERETIC_VENV}/bin/pip install torch==2.14.1 torchvision==0.29.1 && "
-           f"{HERETIC_VENV}/bin/pip install heretic-llm=={HERETIC_VERSION}")
+# the script pins torch before heretic, which leaves it open (an open range downloads a multi-GB CUDA build)
+INSTALL = "scripts/install_peers.sh heretic"
 # heretic's config field for each prompt set: its "bad"/"good" prompts are our harmful/harmless ones.
 PROMPT_FIELDS = {"bad_prompts": "harmful_train", "good_prompts": "harmless_train",
                  "bad_evaluation_prompts": "harmful_eval", "good_evaluation_prompts": "harmless_eval"}
