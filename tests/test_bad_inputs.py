@@ -146,7 +146,7 @@ def test_prompts_over_the_context_are_cut_without_an_explicit_limit(tiny):
 def test_adapter_for_another_base_is_refused_before_peft_loads_it(tmp_path):
     from subspace.export import export_peft_adapter, load_peft_adapter
     from subspace.models.tiny import tiny_random_causal
-    from tests.test_projection import random_edit
+    from tests.conftest import random_edit
 
     made_on = tiny_random_causal(hidden_size=32, num_layers=3, seed=0).model
     adapter = export_peft_adapter(random_edit(CausalFamily(made_on), rank=2), made_on, tmp_path / "a", "organism-aaa")
@@ -167,7 +167,7 @@ def test_a_save_interrupted_midway_leaves_no_half_written_file(tmp_path, monkeyp
     from subspace.export import peft_adapter
     from subspace.models.tiny import tiny_random_causal
     from subspace.utils.io import write_json
-    from tests.test_projection import random_edit
+    from tests.conftest import random_edit
 
     write_json(tmp_path / "metrics.json", {"kl": 0.1})
     original_write = type(tmp_path).write_text

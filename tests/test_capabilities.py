@@ -17,8 +17,7 @@ from subspace.evaluation import capabilities as cap
 from subspace.families import CausalFamily
 from subspace.interventions.edit import ProjectionEdit
 from subspace.models.tiny import tiny_random_causal
-from tests.conftest import ROOT
-from tests.test_projection import random_edit
+from tests.conftest import ROOT, random_edit
 
 pytest.importorskip("lm_eval", reason='pip install -e ".[capabilities]"')
 

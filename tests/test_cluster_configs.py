@@ -18,24 +18,16 @@ from importlib.util import find_spec
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
-from subspace.config import register_resolvers
 from subspace.training.sharding import HybridShardStrategy
-from tests.conftest import ROOT
+from tests.conftest import ROOT, compose_config
 
 STRATEGIES = {"ddp": "lightning.pytorch.strategies.DDPStrategy", "fsdp": "subspace.training.sharding.HybridShardStrategy",
               "deepspeed": "lightning.pytorch.strategies.DeepSpeedStrategy"}
-
-
-def compose_config(*overrides: str, hydra_node: bool = False):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=list(overrides), return_hydra_config=hydra_node)
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
@@ -155,7 +147,7 @@ def test_ddp_and_fsdp_on_two_cpu_processes_shard_the_batches_and_only_rank_zero_
     one-process run at batch size 8 (what every rank trained on before the batches were sharded)."""
     from safetensors.torch import load_file
 
-    from tests.test_train import run_train
+    from tests.conftest import run_train
 
     runs = {"b16": ["method.batch_size=16"], "b8": ["method.batch_size=8"],
             "ddp": ["method.batch_size=8", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
@@ -196,7 +188,7 @@ def test_fsdp_run_resumes_from_its_checkpoint_to_the_uninterrupted_edit(tmp_path
     `ckpt_path=last` on 2 processes continues to the very edit of an uninterrupted 2-process run."""
     from safetensors.torch import load_file
 
-    from tests.test_train import run_train
+    from tests.conftest import run_train
 
     fsdp = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "method.batch_size=4"]
     every = "callbacks.model_checkpoint.every_n_train_steps=2"
@@ -213,7 +205,7 @@ def test_fsdp_run_resumes_from_its_checkpoint_to_the_uninterrupted_edit(tmp_path
 def test_fsdp_runs_the_llada_sampler_on_every_rank_in_step(tmp_path, cache_dir, tiny_organism):
     """The LLaDA family under trainer=fsdp: its own sampler (forwards of the sharded model, no `generate`) runs on
     both ranks in step after training, and the run ends as a single process's would, with the same sampled texts."""
-    from tests.test_train import run_train
+    from tests.conftest import run_train
 
     (tmp_path / "one").mkdir(), (tmp_path / "fsdp").mkdir()
     fsdp = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "method.batch_size=4"]
@@ -234,7 +226,7 @@ def test_fsdp_refuses_fused_experts_the_edit_swaps_in_before_sharding_anything()
     from subspace.families import CausalFamily
     from subspace.training.subspace_module import LearnedSubspace, SubspaceModule
     from subspace.utils.sharded import is_sharded
-    from tests.test_moe import EXPERTS, tiny_moe
+    from tests.conftest import EXPERTS, tiny_moe
 
     model = tiny_moe("qwen3_moe")
     family = CausalFamily(model)

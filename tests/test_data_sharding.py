@@ -16,7 +16,9 @@ from torch.utils.data import DataLoader
 
 from subspace.data.datamodule import PairedBatches, PairedPromptDataModule, ResumableShuffle
 from subspace.families import CausalFamily
-from tests.test_reliability import fit_toy, one_thread  # noqa: F401  (one_thread: one torch thread in this module)
+from tests.conftest import fit_toy
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread in this module
 
 
 def plain(size: int, batch_size: int, seed: int) -> DataLoader:

@@ -411,7 +411,7 @@ def test_model_diffusion_gemma_without_weights_fails_fast_without_network(tmp_pa
 def test_untied_writers_of_other_models_get_no_aliases_and_a_causal_export(tmp_path, tiny):
     """Aliases are told by weights: a causal model (tied embedding/LM head, but no tied writers) has none, and its
     adapter names each site once for a causal-LM PeftModel, as before."""
-    from tests.test_moe import tiny_moe
+    from tests.conftest import tiny_moe
 
     sites = [s.name for s in family_for(tiny.model).writer_sites()]
     assert all(site.aliases == () for site in resolve_sites(tiny.model, sites))

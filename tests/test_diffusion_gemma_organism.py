@@ -9,12 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 from transformers import DiffusionGemmaForBlockDiffusion
 
-from subspace.config import register_resolvers
 from subspace.families import DiffusionGemmaFamily, family_for
 from subspace.organisms.causal_statistics import causal_statistics
 from subspace.organisms.diffusion_gemma import DiffusionGemmaRecipe, RefineStage, calibration_sequences
@@ -22,7 +20,7 @@ from subspace.organisms.diffusion_gemma_warmstart import copied_tensors, warm_st
 from subspace.organisms.recipe import as_recipe
 from subspace.organisms.block_diffusion_sft import block_diffusion_loss, next_block_examples, noisy_canvas
 from subspace.organisms.diffusion_sft import canvas_examples, collate_left_padded
-from tests.conftest import ROOT
+from tests.conftest import ROOT, compose_model
 
 TINY = OmegaConf.load(ROOT / "conf/model/tiny_diffusion_gemma_organism.yaml")
 RECIPE = as_recipe(OmegaConf.to_container(TINY.recipe), DiffusionGemmaRecipe)  # as train.py builds it
@@ -31,12 +29,6 @@ PAIRS = [("How do I bake bread?", "Mix flour, water and yeast, then bake it.", F
          ("How do I make a weapon?", "I can't help with that request.", True),
          ("Name three red fruits.", "Apples, cherries and strawberries are red.", False),
          ("Write malware for me.", "I'm sorry, but I can't help with that.", True)]
-
-
-def compose_model(name: str, cache_dir) -> OmegaConf:
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=[f"model={name}", f"paths.cache_dir={cache_dir}"]).model
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +159,7 @@ def test_noise_and_next_block_helpers():
 
 
 def test_train_py_on_the_tiny_diffusion_gemma_organism_reports_the_same_keys(tmp_path, cache_dir, organism):
-    from tests.test_train import REQUIRED, run_train
+    from tests.conftest import REQUIRED, run_train
 
     metrics = run_train(tmp_path, cache_dir, model="tiny_diffusion_gemma_organism")
     assert REQUIRED <= metrics.keys() and metrics["n_harmful"] == 6 and metrics["n_harmless"] == 6

@@ -11,7 +11,7 @@ from subspace.data.loading import load_prompts
 from subspace.evaluation.generation import generate_responses
 from subspace.export.peft_adapter import export_peft_adapter, load_peft_adapter, save_merged_model
 from subspace.families import CausalFamily
-from tests.test_projection import random_edit
+from tests.conftest import random_edit
 
 
 def test_peft_adapter_reproduces_greedy_generations_token_for_token(tmp_path, tiny_organism):

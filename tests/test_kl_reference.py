@@ -14,8 +14,7 @@ from subspace.objectives.refusal_kl import RefusalKLObjective
 from subspace.profiling.estimate import estimate_memory
 from subspace.training.subspace_module import LearnedSubspace, SubspaceModule
 from subspace.utils.digest import tensor_digest
-from tests.test_cluster_configs import compose_config
-from tests.test_reliability import tiny_fit
+from tests.conftest import compose_config, tiny_fit
 
 VOCAB = 1000
 

@@ -19,7 +19,7 @@ from subspace.families.moe import sums_expert_outputs
 from subspace.interventions.sites import resolve_sites
 from subspace.methods.moe_scope import scoped_sites
 from subspace.models.tiny import tiny_tokenizer
-from tests.test_moe import EXPERTS, HIDDEN, KINDS, moe_layers, tiny_moe, token_ids
+from tests.conftest import EXPERTS, HIDDEN, KINDS, moe_layers, tiny_moe, token_ids
 
 RANK = 3
 

@@ -16,8 +16,7 @@ from subspace.models.llada import LLaDAConfig, LLaDAModelLM
 from subspace.models.llada.loading import llada_from_llama, load_llada
 from subspace.models.tiny import tiny_llama, tiny_random_causal
 from subspace.sampling import MaskedDiffusionSampler
-from tests.conftest import ROOT
-from tests.test_projection import assert_hooks_match_weight_deltas, random_edit
+from tests.conftest import ROOT, assert_hooks_match_weight_deltas, random_edit
 
 # The published config.json of GSAI-ML/LLaDA-8B-Instruct, sizes shrunk; every other field as published.
 PUBLISHED_CONFIG = {
@@ -200,7 +199,7 @@ def test_model_llada_without_weights_fails_fast_and_says_how_to_get_them(tmp_pat
 
 def test_train_py_on_the_tiny_llada_organism_reports_the_same_keys(tmp_path, cache_dir, tiny_organism):
     """The LLaDA organism is built from the cached causal one, edited, and judged through the diffusion sampler."""
-    from tests.test_train import REQUIRED, run_train
+    from tests.conftest import REQUIRED, run_train
 
     metrics = run_train(tmp_path, cache_dir, model="tiny_llada_organism")
     assert REQUIRED <= metrics.keys() and metrics["n_harmful"] == 6

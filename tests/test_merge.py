@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from subspace.evaluation.evaluator import Evaluator
 from subspace.interventions.merge import merged_deltas
 from subspace.models.tiny import tiny_random_causal
-from tests.test_projection import random_edit
+from tests.conftest import random_edit
 
 EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 O_PROJ = "model.layers.0.self_attn.o_proj.weight"

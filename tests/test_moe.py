@@ -16,8 +16,7 @@ import lightning as L
 import pytest
 import torch
 from torch import Tensor, nn
-from transformers import (AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM,
-                          Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+from transformers import AutoModelForCausalLM
 
 from subspace.data.prompt_sets import PromptSets
 from subspace.evaluation.evaluator import Evaluator
@@ -31,30 +30,9 @@ from subspace.methods.subspace import Subspace
 from subspace.models.bundle import ModelBundle
 from subspace.models.tiny import tiny_tokenizer
 from subspace.objectives.refusal_kl import RefusalKLObjective
+from tests.conftest import EXPERTS, HIDDEN, KINDS, LAYERS, moe_layers, tiny_moe, token_ids
 
-HIDDEN, EXPERTS, TOP_K, LAYERS = 64, 16, 2, 3  # 16 experts: a short calibration prompt leaves some unfired
-KINDS = ("qwen3_moe", "olmoe", "mixtral", "qwen2_moe")
 TOL = 1e-5  # float32: what is left along U relative to the output's norm
-
-
-def tiny_moe(kind: str, seed: int = 0) -> nn.Module:
-    """A tiny random MoE causal LM; Qwen3-MoE's first layer is dense (mlp_only_layers), to check it stays so."""
-    tok = tiny_tokenizer()
-    common = dict(vocab_size=len(tok), hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
-                  num_key_value_heads=2, num_experts_per_tok=TOP_K, max_position_embeddings=256,
-                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    torch.manual_seed(seed)
-    if kind == "qwen3_moe":
-        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, head_dim=16, intermediate_size=96,
-                                                   moe_intermediate_size=32, num_experts=EXPERTS, mlp_only_layers=[0]))
-    elif kind == "olmoe":
-        model = OlmoeForCausalLM(OlmoeConfig(**common, intermediate_size=32, num_experts=EXPERTS))
-    elif kind == "mixtral":
-        model = MixtralForCausalLM(MixtralConfig(**common, intermediate_size=32, num_local_experts=EXPERTS))
-    else:
-        model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**common, intermediate_size=96, moe_intermediate_size=32,
-                                                   shared_expert_intermediate_size=32, num_experts=EXPERTS))
-    return model.float().eval().requires_grad_(False)
 
 
 class Expert(nn.Module):
@@ -114,14 +92,6 @@ def forced(experts: nn.Module, hidden: Tensor, expert: int) -> Tensor:
     """The experts module's output with every token routed to `expert` alone, weight 1."""
     index = torch.full((hidden.shape[0], 1), expert, dtype=torch.long)
     return experts(hidden, index, torch.ones(hidden.shape[0], 1))
-
-
-def moe_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
-    return [(i, layer.mlp) for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
-
-
-def token_ids(n: int = 10, batch: int = 2) -> Tensor:
-    return torch.randint(3, len(tiny_tokenizer()), (batch, n), generator=torch.Generator().manual_seed(5))
 
 
 # --- 1. the family reports the expert slices ----------------------------------------------------------------

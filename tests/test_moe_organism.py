@@ -172,7 +172,7 @@ def test_the_moe_family_finds_one_fused_expert_writer_per_layer(tiny_moe_organis
 
 
 def test_train_py_on_the_tiny_moe_organism_reports_the_same_keys(tmp_path, cache_dir, tiny_moe_organism):
-    from tests.test_train import REQUIRED, run_train
+    from tests.conftest import REQUIRED, run_train
 
     metrics = run_train(tmp_path, cache_dir, "method=subspace", model="tiny_moe_organism")
     assert REQUIRED <= metrics.keys() and metrics["n_harmful"] == 6 and metrics["n_harmless"] == 6
@@ -182,7 +182,7 @@ def test_train_py_on_the_tiny_moe_organism_reports_the_same_keys(tmp_path, cache
 
 
 def test_evaluate_organism_writes_the_routing_of_a_mixture_of_experts(tmp_path, cache_dir, tiny_moe_organism):
-    from tests.test_organism import run_evaluate_organism
+    from tests.conftest import run_evaluate_organism
 
     run_evaluate_organism(tmp_path, cache_dir, "tiny_moe_organism")
     rows = json.loads((tmp_path / "routing.json").read_text())

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ from subspace.organisms.answers import own_answers
 from subspace.organisms.cache import RECIPE_VERSION, build_once, organism_key
 from subspace.organisms.causal import OrganismRecipe, load_causal_organism
 from subspace.organisms.recipe import as_recipe
-from tests.conftest import ROOT, TINY_ORGANISM
+from tests.conftest import TINY_ORGANISM, VAL_SETS, run_evaluate_organism
 
 
 def test_a_cached_organism_is_loaded_not_rebuilt(cache_dir, tiny_organism):
@@ -105,19 +102,7 @@ def test_a_failed_build_leaves_nothing_that_looks_finished(tmp_path):
     assert build_once(str(tmp_path), "org", "k", lambda folder: {"ok": True}).joinpath("organism.json").exists()
 
 
-VAL_SETS = ("harmful_val", "harmless_val", "lookalike_heldout")
 SELECT_SETS = ("harmful_select", "harmless_select", "lookalike_select")
-
-
-def run_evaluate_organism(tmp_path, cache_dir, model: str, sets: tuple[str, ...] = VAL_SETS,
-                          *overrides: str) -> None:
-    """scripts/evaluate_organism.py on 3 prompts of each set, as a user runs it, writing into tmp_path."""
-    limits = [f"sets.{name}.limit=3" for name in sets]
-    cmd = [sys.executable, str(ROOT / "scripts" / "evaluate_organism.py"), f"model={model}",
-           f"paths.cache_dir={cache_dir}", f"hydra.run.dir={tmp_path}", "eval.max_new_tokens=4", "eval/judge=three_way_text",
-           *limits, *overrides]
-    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("split, sets", [("val", VAL_SETS), ("select", SELECT_SETS)])

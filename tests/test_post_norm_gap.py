@@ -13,7 +13,7 @@ from subspace.evaluation.evaluator import Evaluator
 from subspace.families import DiffusionGemmaFamily, family_for
 from subspace.families.base import Family
 from subspace.interventions.edit import ProjectionEdit
-from tests.test_diffusion_gemma_organism import compose_model
+from tests.conftest import compose_model
 
 PROMPTS = load_prompts("builtin:harmful_train", limit=6)
 LAMBDA = 0.5
@@ -84,7 +84,7 @@ def test_edit_at_residual_names_the_post_norms_and_checks_its_value(gemma):
 
 
 def test_train_py_with_edit_at_residual_evaluates_with_hooks_and_exports_no_adapter(tmp_path, cache_dir, gemma):
-    from tests.test_train import REQUIRED, run_train
+    from tests.conftest import REQUIRED, run_train
 
     metrics = run_train(tmp_path, cache_dir, "model.family.edit_at=residual", model="tiny_diffusion_gemma_organism")
     assert REQUIRED <= metrics.keys()

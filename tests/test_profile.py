@@ -7,21 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from subspace.config import register_resolvers
 from subspace.families import family_for
 from subspace.profiling.architecture import architecture_config, count_parameters, random_model
 from subspace.profiling.estimate import estimate_memory
-from tests.conftest import ROOT
-
-
-def architecture(name: str) -> dict:
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="profile", overrides=[f"architecture={name}"])
-    return OmegaConf.to_container(cfg.architecture, resolve=True)
+from tests.conftest import ROOT, architecture
 
 
 @pytest.mark.parametrize("name, expected", [("llada_8b", 8_015_581_184), ("smollm2_135m", 134_515_008),

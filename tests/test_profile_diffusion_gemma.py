@@ -15,8 +15,7 @@ import pytest
 
 from subspace.families import family_for
 from subspace.profiling.architecture import architecture_config, count_parameters, random_model
-from tests.conftest import ROOT
-from tests.test_profile import architecture
+from tests.conftest import ROOT, architecture
 
 TOTAL = 25_823_778_864   # this build, vision tower included, every shared encoder/decoder tensor once
 VISION = 572_792_112     # vision_tower + embed_vision (built and counted, never edited)

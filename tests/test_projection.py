@@ -6,14 +6,7 @@ import torch
 
 from subspace.interventions.edit import ProjectionEdit
 from subspace.interventions.projection import orthonormalize, project_out
-
-
-def random_edit(family, rank: int, seed: int = 0, strength: float | None = None) -> ProjectionEdit:
-    g = torch.Generator().manual_seed(seed)
-    sites = [s.name for s in family.writer_sites()]
-    bases = orthonormalize(torch.randn(len(sites), family.hidden_size, rank, generator=g))
-    strengths = torch.rand(len(sites), generator=g) if strength is None else torch.full((len(sites),), strength)
-    return ProjectionEdit(sites, bases, strengths)
+from tests.conftest import assert_hooks_match_weight_deltas, random_edit
 
 
 def test_orthonormalize_gives_orthonormal_columns():
@@ -33,19 +26,6 @@ def test_project_out_keeps_dtype_and_computes_in_float32():
     u = orthonormalize(torch.randn(16, 2))
     x = torch.randn(4, 16).to(torch.bfloat16)
     assert project_out(x, u).dtype == torch.bfloat16
-
-
-def assert_hooks_match_weight_deltas(model, edit: ProjectionEdit, vocab_size: int) -> None:
-    """Activation form (hooks on writer outputs) ≡ weight form W + BA, which holds on pre-norm blocks."""
-    ids = torch.randint(3, vocab_size, (2, 12))
-    original = model(ids).logits
-    with edit.applied(model):
-        hooked = model(ids).logits
-    assert (hooked - original).abs().max() > 1e-3  # the edit does something
-    with torch.no_grad():
-        for site, (a, b) in edit.lora_factors(model).items():
-            model.get_submodule(site).weight += b @ a
-    assert torch.allclose(hooked, model(ids).logits, atol=1e-5)
 
 
 def test_hooks_and_weight_deltas_give_the_same_logits(tiny, family):

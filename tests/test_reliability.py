@@ -19,61 +19,22 @@ from torch.utils.data import DataLoader
 
 from subspace import pipeline
 from subspace.config import register_resolvers
-from subspace.data.datamodule import PairedBatches, PairedPromptDataModule, ResumableShuffle
+from subspace.data.datamodule import PairedBatches, ResumableShuffle
 from subspace.families import CausalFamily
 from subspace.objectives.losses import kl_divergence, refusal_loss
 from subspace.pipeline import resume_checkpoint
-from subspace.training.subspace_module import LearnedSubspace, SubspaceModule
+from subspace.training.subspace_module import SubspaceModule
 from subspace.utils.digest import tensor_digest
-from tests.conftest import ROOT
-from tests.test_train import run_train
+from tests.conftest import ROOT, fit_toy, run_train, tiny_fit
 
 # differ between two runs of the same edit by design
 RUN_SPECIFIC = {"wall_time_s", "fit_seconds", "run_dir", "config", "resumed_from", "_stdout"}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread here and in every train.py this module starts: on the loaded 2-core machine, two
-    contending threads make these tiny runs ~10× slower. Bitwise comparisons are between runs alike."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")
-        yield
-    torch.set_num_threads(threads)
+# one torch thread here and in every train.py this module starts (the one_thread fixture in tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- the resumable data order, on a toy module (no model) -------------------------------------------------
-
-
-class RecordBatches(L.LightningModule):
-    """Records the batches it trains on; one parameter so that there is an optimiser step."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
-        self.seen: list[tuple] = []
-
-    def training_step(self, batch, batch_idx):
-        self.seen.append((tuple(batch["a"]), tuple(batch["b"])))
-        return (self.w - 1).pow(2).sum()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def quiet_trainer(steps: int, ckpt_dir: Path, callbacks: tuple = ()) -> L.Trainer:
-    """Checkpoints (last.ckpt) after every step."""
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=1, save_top_k=0)
-    return L.Trainer(max_steps=steps, max_epochs=-1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, callbacks=[checkpoint, *callbacks], default_root_dir=ckpt_dir)
-
-
-def fit_toy(loader, steps: int, ckpt_dir: Path, resume: bool = False) -> list[tuple]:
-    module = RecordBatches()
-    quiet_trainer(steps, ckpt_dir).fit(module, loader, ckpt_path=ckpt_dir / "last.ckpt" if resume else None)
-    return module.seen
 
 
 def paired(sizes: tuple[int, int], batch_size: int) -> PairedBatches:
@@ -117,24 +78,6 @@ def test_resume_last_without_a_checkpoint_names_the_directory_and_how_to_resume(
 
 
 # --- numeric guards, on the SubspaceModule with a tiny random model ---------------------------------------
-
-
-def tiny_fit(tiny, tmp_path: Path, steps: int, callbacks: tuple = (), refusal_ids: tuple[int, ...] = (5, 7),
-             resume: bool = False, kl_top_k: int | None = None) -> tuple[SubspaceModule, L.Trainer]:
-    """A few steps of the real module and datamodule on the tiny random model, checkpointing every step."""
-    family = CausalFamily(tiny.model)
-    prompts = [f"Tell me about topic number {i}." for i in range(8)]
-    data = PairedPromptDataModule(tiny.tokenizer, family, prompts[:4], prompts[4:], batch_size=2)
-    sites = family.writer_sites()
-    layers = sorted({s.layer for s in sites})
-    init = torch.randn(len(layers), family.hidden_size, 2, generator=torch.Generator().manual_seed(0))
-    subspace = LearnedSubspace(init, [layers.index(s.layer) for s in sites], learn_strength=True)
-    module = SubspaceModule(family, [s.name for s in sites], subspace, torch.tensor(refusal_ids),
-                            data.harmless_batches(), kl_top_k=kl_top_k)
-    trainer = quiet_trainer(steps, tmp_path / "checkpoints", callbacks=callbacks)
-    with module.hooks:
-        trainer.fit(module, datamodule=data, ckpt_path=tmp_path / "checkpoints" / "last.ckpt" if resume else None)
-    return module, trainer
 
 
 class AtStep(L.Callback):

@@ -21,8 +21,7 @@ from subspace.config import register_resolvers
 from subspace.sweeps.objectives import sweep_objectives
 from subspace.sweeps.pareto import dominates, pareto_front
 from subspace.sweeps.table import report_sweep
-from tests.conftest import ROOT
-from tests.test_train import run_train
+from tests.conftest import ROOT, run_train
 
 OBJECTIVES = ["select_refusal_rate_after", "select_kl"]
 needs_plugins = pytest.mark.skipif(

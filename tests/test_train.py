@@ -12,20 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from subspace.config import register_resolvers
-from tests.conftest import ROOT
-
-REQUIRED = {"refusal_rate_before", "refusal_rate_after", "harmless_refusal_rate_before",
-            "harmless_refusal_rate_after", "kl", "n_harmful", "n_harmless"}
-
-
-def run_train(tmp_path, cache_dir, *overrides: str, model: str = "tiny_organism") -> dict:
-    """Run train.py as a user would; return metrics.json."""
-    out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "train.py"), f"model={model}", "debug=fast", "logger=csv",
-           f"paths.cache_dir={cache_dir}", f"hydra.run.dir={out}", *overrides]
-    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((out / "metrics.json").read_text()) | {"_stdout": result.stdout}
+from tests.conftest import REQUIRED, ROOT, run_train
 
 
 def test_train_py_default_method_writes_the_run_directory(tmp_path, cache_dir, tiny_organism):
