@@ -26,6 +26,9 @@ def test_train_py_default_method_writes_the_run_directory(tmp_path, cache_dir, t
         assert (run / path).exists(), path
     assert len((run / "samples.jsonl").read_text().splitlines()) == 12
     assert "refusal (harmful, n=6)" in metrics["_stdout"]
+    card = (run / "adapter" / "README.md").read_text()  # the model card, with the run's own numbers and command
+    assert f"base_model: {metrics['model_source']['organism']}" in card and "python train.py model=tiny_organism" in card
+    assert f"| harmful prompts refused | {100 * metrics['refusal_rate_before']:.1f}% |" in card
 
 
 @pytest.mark.parametrize("model", ["tiny_organism", "tiny_llada_organism", "tiny_diffusion_gemma_organism"])
