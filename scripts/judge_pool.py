@@ -12,7 +12,7 @@ import json
 import random
 from pathlib import Path
 
-from subspace.evaluation.labelled import PromptIndex
+from subspace.evaluation.labelled import PromptIndex, read_samples
 
 # (results file, family, edit) -> the responses drawn from it
 SOURCES = [
@@ -33,9 +33,8 @@ SOURCES = [
 ]
 
 
-def responses(path: Path, family: str, edit: str):
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
+def responses(path: Path, index: PromptIndex):
+    for row in read_samples(path, index):  # the results files hold prompt references; this fills the text back in
         if "response" in row:  # organism quality: one response per prompt, no edit
             kind = "harmful" if row["set"].startswith("harmful") else "harmless"
             yield row["prompt"], kind, "before", row["response"]
@@ -52,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     index, rng, seen, drawn = PromptIndex(), random.Random(args.seed), set(), []
     for file, family, edit in SOURCES:
-        rows = list(responses(Path(file), family, edit))
+        rows = list(responses(Path(file), index))
         rng.shuffle(rows)
         rows.sort(key=lambda row: row[2] == "before")  # edited responses first, shuffled within each group
         for wanted in ("harmful", "harmless"):  # half of each source's draw from each kind of prompt

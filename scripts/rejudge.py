@@ -4,7 +4,8 @@
 
 Greedy decoding is prefix-consistent (the first 48 tokens of a 96-token greedy answer are the 48-token answer), so
 cutting shows what a shorter generation would have been judged, without generating again. Prints the rates before and
-after the edit for harmful and harmless prompts, and how many verdicts the cut changed.
+after the edit for harmful and harmless prompts, and how many verdicts the cut changed. RUN_DIR is a run directory or
+a results/ folder; the latter's samples hold prompt references, resolved from ../shared/data (or $SUBSPACE_SHARED_DATA).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # this checkout's subspa
 from transformers import AutoTokenizer  # noqa: E402
 
 from subspace.evaluation.judges import VERDICTS, MarkerJudge, ThreeWayJudge  # noqa: E402
+from subspace.evaluation.labelled import read_samples  # noqa: E402
 
 
 def main() -> None:
@@ -27,7 +29,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=None, help="cut every response to its first N tokens")
     parser.add_argument("--judge", default="three_way", help="three_way, three_way_text, marker or a weights file")
     args = parser.parse_args()
-    samples = [json.loads(line) for line in (args.run_dir / "samples.jsonl").read_text().splitlines()]
+    samples = read_samples(args.run_dir / "samples.jsonl")  # a run's text, or results/' prompt references resolved
     metrics = json.loads((args.run_dir / "metrics.json").read_text())
     judge = MarkerJudge() if args.judge == "marker" else ThreeWayJudge(args.judge)
     tokenizer = AutoTokenizer.from_pretrained(metrics["model_source"].get("organism") or metrics["model_source"]["pretrained"])
