@@ -44,7 +44,7 @@ def test_shipped_text_judge_reproduces_its_documented_agreement():
     verdicts = ThreeWayJudge("three_way_text").verdicts([r["prompt"] for r in rows], [r["response"] for r in rows])
     stats = agreement([r["label"] for r in rows], verdicts)
     assert stats["n"] == 270
-    assert (round(stats["answer_vs_not"], 3), round(stats["refusal_vs_not"], 3)) == (0.863, 0.919)
+    assert (round(stats["answer_vs_not"], 3), round(stats["refusal_vs_not"], 3)) == (0.878, 0.915)
 
 
 def test_labelled_set_stores_no_public_prompt_text():
