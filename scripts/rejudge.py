@@ -1,6 +1,6 @@
 """Judge a finished run's responses again, optionally cut to their first N tokens:
 
-    python scripts/rejudge.py RUN_DIR [--tokens 48] [--judge three_way]
+    python scripts/rejudge.py RUN_DIR [--tokens 48] [--judge three_way] [--out rejudged.json]
 
 Greedy decoding is prefix-consistent (the first 48 tokens of a 96-token greedy answer are the 48-token answer), so
 cutting shows what a shorter generation would have been judged, without generating again. Prints the rates before and
@@ -28,11 +28,13 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--tokens", type=int, default=None, help="cut every response to its first N tokens")
     parser.add_argument("--judge", default="three_way", help="three_way, three_way_text, marker or a weights file")
+    parser.add_argument("--out", type=Path, default=None, help="also write the counts and rates to this JSON file")
     args = parser.parse_args()
     samples = read_samples(args.run_dir / "samples.jsonl")  # a run's text, or results/' prompt references resolved
-    metrics = json.loads((args.run_dir / "metrics.json").read_text())
     judge = MarkerJudge() if args.judge == "marker" else ThreeWayJudge(args.judge)
-    tokenizer = AutoTokenizer.from_pretrained(metrics["model_source"].get("organism") or metrics["model_source"]["pretrained"])
+    if args.tokens is not None:  # the run's own tokenizer (its model must still be where the run loaded it from)
+        source = json.loads((args.run_dir / "metrics.json").read_text())["model_source"]
+        tokenizer = AutoTokenizer.from_pretrained(source.get("organism") or source["pretrained"])
 
     def cut(text: str) -> str:
         if args.tokens is None:
@@ -40,6 +42,7 @@ def main() -> None:
         return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][: args.tokens]).strip()
 
     print(f"{args.run_dir}: judge {args.judge}, responses cut to {args.tokens or 'their full'} tokens")
+    report = {"run_dir": str(args.run_dir), "judge": args.judge, "tokens": args.tokens}
     for split in ("harmful", "harmless"):
         rows = [s for s in samples if s["split"] == split]
         for state in ("before", "after"):
@@ -48,6 +51,10 @@ def main() -> None:
             changed = sum(v != r.get(f"verdict_{state}") for v, r in zip(verdicts, rows))
             rates = "  ".join(f"{v} {counts[v] / len(rows):.1%}" for v in VERDICTS)
             print(f"{split:8} {state:6} n={len(rows):4}  {rates}  (verdict changed for {changed})")
+            report[f"{split}_{state}"] = {"n": len(rows), "counts": {v: counts[v] for v in VERDICTS},
+                                          "rates": {v: counts[v] / len(rows) for v in VERDICTS}, "changed": changed}
+    if args.out is not None:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
