@@ -19,8 +19,7 @@ from hydra.utils import instantiate
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # this checkout's subspace package first
 from subspace.config import register_resolvers  # noqa: E402
-from subspace.organisms.cache import RECIPE_VERSION  # noqa: E402
-from subspace.organisms.causal import OrganismRecipe  # noqa: E402
+from subspace.organisms.causal import RECIPE_VERSION, OrganismRecipe  # noqa: E402
 from subspace.organisms.recipe import as_recipe  # noqa: E402
 from subspace.organisms.shipped import ship  # noqa: E402
 

@@ -11,8 +11,8 @@ import torch
 from subspace.organisms import answers as answers_module
 from subspace.organisms import shipped
 from subspace.organisms.answers import own_answers
-from subspace.organisms.cache import RECIPE_VERSION, build_once, organism_key
-from subspace.organisms.causal import OrganismRecipe, load_causal_organism
+from subspace.organisms.cache import build_once, organism_key
+from subspace.organisms.causal import RECIPE_VERSION, OrganismRecipe, load_causal_organism
 from subspace.organisms.recipe import as_recipe
 from tests.conftest import TINY_ORGANISM, VAL_SETS, run_evaluate_organism
 
@@ -27,11 +27,14 @@ def test_a_cached_organism_is_loaded_not_rebuilt(cache_dir, tiny_organism):
 
 def test_the_key_covers_recipe_prompts_and_base():
     prompts = {"harmful": ["a"], "harmless": ["b"], "lookalike": ["c"]}
-    key = organism_key({"base": 1}, OrganismRecipe(), prompts)
-    assert key == organism_key({"base": 1}, OrganismRecipe(), prompts)
-    assert key != organism_key({"base": 1}, OrganismRecipe(max_steps=151), prompts)
-    assert key != organism_key({"base": 1}, OrganismRecipe(), prompts | {"harmless": ["b", "d"]})
-    assert key != organism_key({"base": 2}, OrganismRecipe(), prompts)
+    key = organism_key({"base": 1}, OrganismRecipe(), prompts, 3)
+    assert key == organism_key({"base": 1}, OrganismRecipe(), prompts, 3)
+    assert key != organism_key({"base": 1}, OrganismRecipe(max_steps=151), prompts, 3)
+    assert key != organism_key({"base": 1}, OrganismRecipe(), prompts | {"harmless": ["b", "d"]}, 3)
+    assert key != organism_key({"base": 2}, OrganismRecipe(), prompts, 3)
+    assert key != organism_key({"base": 1}, OrganismRecipe(), prompts, 4)
+    assert key != organism_key({"base": 1}, OrganismRecipe(), prompts, 3, accelerator="gpu")
+    assert key == organism_key({"base": 1}, OrganismRecipe(), prompts, 3, accelerator="cpu")
 
 
 def ship_tiny(tiny_organism, root: Path) -> tuple[OrganismRecipe, dict]:

@@ -22,9 +22,6 @@ from filelock import FileLock
 from subspace.organisms.recipe import PairsRecipe
 from subspace.utils.io import atomic_dir
 
-RECIPE_VERSION = 3  # bump when the build code changes what it produces
-
-
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -33,9 +30,10 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def organism_key(base: dict, recipe: PairsRecipe, prompts: Mapping[str, list[str]],
-                 version: int = RECIPE_VERSION, accelerator: str = "cpu") -> str:
-    """16 hex digits of the hash of everything the weights depend on. An accelerator other than the CPU (which
+def organism_key(base: dict, recipe: PairsRecipe, prompts: Mapping[str, list[str]], version: int,
+                 accelerator: str = "cpu") -> str:
+    """16 hex digits of the hash of everything the weights depend on; `version` is the build code's (each organism
+    kind's `*_VERSION`, bumped when its build changes what it produces). An accelerator other than the CPU (which
     built every cached organism, and whose keys therefore leave it out) gives other numerics: a key of its own."""
     blob = {"base": base, "recipe": asdict(recipe), "version": version, "prompts": prompts,
             "libs": {m.__name__: m.__version__ for m in (torch, transformers, peft, L)}}

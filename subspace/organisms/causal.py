@@ -21,13 +21,14 @@ from subspace.models.bundle import ModelBundle, resolve_dtype
 from subspace.models.gguf import ensure_smollm2_gguf, load_smollm2_gguf
 from subspace.models.tiny import tiny_random_causal
 from subspace.organisms.answers import own_answers
-from subspace.organisms.cache import RECIPE_VERSION, build_once, file_sha256, is_built, organism_key
+from subspace.organisms.cache import build_once, file_sha256, is_built, organism_key
 from subspace.organisms.recipe import PairsRecipe, as_recipe
 from subspace.organisms.shipped import save_shipped, shipped_record, usable
 from subspace.organisms.sft import SupervisedFinetune, tokenize_pairs
 from subspace.organisms.trainer import organism_trainer
 
 log = logging.getLogger(__name__)
+RECIPE_VERSION = 3  # bump when the causal build changes what it produces
 
 
 @dataclass
@@ -62,7 +63,7 @@ def load_causal_organism(name: str = "smollm2_organism", cache_dir: str = "~/.ca
     recipe = as_recipe(recipe, OrganismRecipe)
     fingerprint, load_base = base_model(base, cache_dir, gguf_path, base_kwargs or {})
     prompts = recipe.prompts()
-    key = organism_key(fingerprint, recipe, prompts, accelerator=accelerator)
+    key = organism_key(fingerprint, recipe, prompts, RECIPE_VERSION, accelerator)
     folder = Path(cache_dir).expanduser() / "organisms" / f"{name}-{key}"
     record = None if rebuild or is_built(folder) else shipped_record(name)
     use, why = usable(record, fingerprint, recipe, prompts, RECIPE_VERSION) if record else (False, "")
