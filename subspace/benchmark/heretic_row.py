@@ -6,20 +6,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
-
-import torch
-from transformers import AutoModelForCausalLM
 
 from subspace.baselines.heretic import DEFAULT_PYTHON, run_heretic
 from subspace.benchmark.choice import REFUSAL_BUDGET, pick_point
+from subspace.benchmark.peer import causal_only, eval_split_numbers, evaluator_for, kl_between, save_organism
 from subspace.benchmark.rows import Row
 from subspace.evaluation.evaluator import Evaluator
-from subspace.evaluation.metrics import ResponseKL
-from subspace.families import family_for
-from subspace.models.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +28,7 @@ class HereticSettings:
 
 def unsupported(organism: str, family_name: str) -> Row | None:
     """The heretic row for a model heretic cannot load (it reads causal LMs only), saying why; None if it can."""
-    if family_name == "causal":
-        return None
-    return Row(organism, "heretic", "—", note=f"heretic loads causal language models only (AutoModelForCausalLM); "
-               f"{organism} is a {family_name} model")
-
-
-def evaluator_for(model_dir: Path, like: Evaluator) -> Evaluator:
-    """An evaluator with all of `like`'s settings, on another model (same tokenizer)."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=like.bundle.model.dtype).eval()
-    bundle = ModelBundle(model, like.bundle.tokenizer, f"heretic:{model_dir.name}", {"pretrained": str(model_dir)})
-    return replace(like, bundle=bundle, family=family_for(model, like.family.long_prompts))
+    return causal_only(organism, family_name, "heretic")
 
 
 def template_system_prompt(tokenizer) -> str | None:
@@ -62,20 +46,12 @@ def template_system_prompt(tokenizer) -> str | None:
     return None
 
 
-def kl_between(reference: torch.Tensor, other: Evaluator, prompts: Sequence[str]) -> float:
-    metric = ResponseKL()
-    metric.update(reference, other.logprobs(prompts))
-    return float(metric.compute())
-
-
 def heretic_row(organism: str, evaluator: Evaluator, data, work_dir: Path, settings: HereticSettings,
                 before: dict[str, float]) -> Row:
     """`before` holds the organism's eval-split refusal rates (shared with the other rows' runs)."""
     command = f"heretic-llm 1.4 via subspace.baselines.heretic, {settings.trials} trials"
     start = time.time()
-    model_dir = work_dir / "organism_hf"
-    evaluator.bundle.model.save_pretrained(model_dir)
-    evaluator.bundle.tokenizer.save_pretrained(model_dir)
+    model_dir = save_organism(evaluator, work_dir)
     result = run_heretic(model_dir, work_dir / "heretic", harmful_train=data["train_harmful"],
                          harmless_train=data["train_harmless"], harmful_eval=data["select_harmful"],
                          harmless_eval=data["select_harmless"], trials=settings.trials,
@@ -88,17 +64,15 @@ def heretic_row(organism: str, evaluator: Evaluator, data, work_dir: Path, setti
     select_reference = evaluator.logprobs(data["select_harmless"])
     candidates, rates, kls = [], [], []
     for path in result.models:
-        candidates.append(evaluator_for(path, evaluator))
+        candidates.append(evaluator_for(path, evaluator, "heretic"))
         rates.append(candidates[-1].refusals(data["select_harmful"], desc=f"select {path.name}")[0])
         kls.append(kl_between(select_reference, candidates[-1], data["select_harmless"]))
         log.info("heretic model %s: select refusal %.3f, select KL %.3f", path.name, rates[-1], kls[-1])
     final = pick_point(candidates, rates, kls, settings.refusal_budget)
     chosen = Path(final.bundle.source["pretrained"])
     del candidates  # only the chosen model stays loaded
-    harmful, _, _ = final.refusals(data["eval_harmful"], desc="heretic harmful")
-    harmless, _, _ = final.refusals(data["eval_harmless"], desc="heretic harmless")
-    kl = kl_between(evaluator.logprobs(data["eval_harmless"]), final, data["eval_harmless"])
-    return Row(organism, "heretic", command, before["refusal_rate"], harmful, harmless, kl, time.time() - start,
-               f"{result.trials} trials, {len(result.models)} on its front",
+    numbers = eval_split_numbers(final, evaluator, data, "heretic")
+    return Row(organism, "heretic", command, before["refusal_rate"], wall_s=time.time() - start,
+               trials_or_steps=f"{result.trials} trials, {len(result.models)} on its front",
                note=f"picked {chosen.name} of {len(rates)} by select split (refusal budget {settings.refusal_budget})",
-               n_harmful=len(data["eval_harmful"]), n_harmless=len(data["eval_harmless"]))
+               **numbers)
