@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -29,7 +28,6 @@ from subspace.models.bundle import ModelBundle
 from subspace.organisms.cache import file_sha256
 from subspace.organisms.recipe import PairsRecipe
 
-log = logging.getLogger(__name__)
 SHIPPED = Path(__file__).resolve().parent / "shipped"
 SOURCES = ("harmful", "harmless", "lookalike")  # resolved paths differ between machines; their prompts are compared
 
