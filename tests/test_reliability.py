@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from subspace import pipeline
 from subspace.config import register_resolvers
 from subspace.data.datamodule import PairedBatches, ResumableShuffle
+from subspace.evaluation import evaluator as evaluator_module
 from subspace.families import CausalFamily
 from subspace.objectives.losses import kl_divergence, refusal_loss
 from subspace.pipeline import resume_checkpoint
@@ -224,13 +225,13 @@ def test_a_run_leaves_the_base_model_untouched_on_disk_and_in_memory(tmp_path, c
                                                                      monkeypatch):
     folder = Path(uninterrupted[1]["model_source"]["organism"])  # model=tiny_organism's, built by that run
     on_disk = file_hashes(folder)
-    loaded, original_family_for = {}, pipeline.family_for
+    loaded, original_family_for = {}, evaluator_module.family_for
 
     def family_for(model, *args, **options):  # sees the run's own model right after loading
         loaded.update(model=model, hashes=weight_hashes(model), logits=logits(model))
         return original_family_for(model, *args, **options)
 
-    monkeypatch.setattr(pipeline, "family_for", family_for)
+    monkeypatch.setattr(evaluator_module, "family_for", family_for)  # build_evaluator finds the family
     register_resolvers()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["model=tiny_organism", "debug=fast", "logger=csv", "export_merged=true",
