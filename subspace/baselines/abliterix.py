@@ -44,7 +44,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from subspace.baselines.heretic import to_toml
+from subspace.baselines.process import peer_env, stop
 from subspace.config import REPO_ROOT
 
 ABLITERIX_VERSION = "1.12.2"
@@ -157,23 +157,7 @@ def write_prompt_sets(data_dir: Path, sets: dict[str, list[str]]) -> dict[str, P
 
 
 def _child_env() -> dict[str, str]:
-    """This environment less what would steer abliterix (AX_*) or its Python, plus offline mode and plain output."""
-    drop = {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "FORCE_COLOR", "CLICOLOR_FORCE"}
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("AX_")}
-    env.update(PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8", COLUMNS="1000", NO_COLOR="1", TERM="dumb",
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return env
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        if proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(wait_s)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
+    return peer_env("AX_", TERM="dumb")
 
 
 def _run(argv: list[str], work_dir: Path, log_path: Path, timeout_s: float) -> str | None:
@@ -189,7 +173,7 @@ def _run(argv: list[str], work_dir: Path, log_path: Path, timeout_s: float) -> s
         except subprocess.TimeoutExpired:
             return f"abliterix did not finish within {timeout_s:.0f} s"
         finally:
-            _stop(proc)
+            stop(proc)
     return None if code == 0 else f"abliterix exited with code {code}"
 
 

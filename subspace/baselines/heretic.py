@@ -19,13 +19,13 @@ import os
 import re
 import select
 import shutil
-import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from subspace.baselines.process import peer_env, stop
 from subspace.config import REPO_ROOT
 
 HERETIC_VERSION = "1.4.0"
@@ -200,23 +200,7 @@ def _pick(question: str, choices: list[tuple[str, str]], wanted: str) -> str:
 
 
 def _child_env() -> dict[str, str]:
-    """This environment less what would steer heretic or its Python, plus offline mode and plain output."""
-    drop = {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "FORCE_COLOR", "CLICOLOR_FORCE"}
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("HERETIC_")}
-    env.update(KAGGLE_KERNEL_RUN_TYPE="subspace", PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8",
-               COLUMNS="1000", NO_COLOR="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return env
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-        if proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(wait_s)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
+    return peer_env("HERETIC_", KAGGLE_KERNEL_RUN_TYPE="subspace")
 
 
 def _converse(python: Path, work_dir: Path, session: _Session, log: IO[str], timeout_s: float) -> str | None:
@@ -261,7 +245,7 @@ def _converse(python: Path, work_dir: Path, session: _Session, log: IO[str], tim
     except BrokenPipeError:
         return "heretic stopped reading its input"
     finally:
-        _stop(proc)
+        stop(proc)
         proc.stdin.close()
         proc.stdout.close()
 

@@ -83,16 +83,19 @@ def save_shipped(name: str, record: dict, load_base: Callable[[], ModelBundle], 
 
 
 def ship(built: Path, name: str, key: str, base: dict, recipe: PairsRecipe, prompts: Mapping[str, list[str]],
-         version: int, root: Path | None = None) -> Path:
-    """Copy the built organism's adapter (`built/adapter`) into `root/name` with the record `usable` reads."""
+         version: int, root: Path | None = None, base_name: str | None = None) -> Path:
+    """Copy the built organism's adapter (`built/adapter`) into `root/name` with the record `usable` reads; its
+    config names the base as `base_name` (a hub name), never a path on the building machine."""
     root = root or SHIPPED
     if not (built / "adapter" / "adapter_model.safetensors").exists():
         raise FileNotFoundError(f"{built} holds no adapter/ (built before builds saved their LoRA): rebuild it with "
                                 "model.rebuild=true after removing the folder")
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
-    for file in ("adapter_model.safetensors", "adapter_config.json"):
-        shutil.copyfile(built / "adapter" / file, folder / file)
+    shutil.copyfile(built / "adapter" / "adapter_model.safetensors", folder / "adapter_model.safetensors")
+    config = json.loads((built / "adapter" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = base_name  # not the building machine's path
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     info = json.loads((built / "organism.json").read_text())
     record = {"name": name, "organism_key": key, "base": base, "version": version,
               "hyperparameters": hyperparameters(recipe), "prompts_sha256": prompts_sha256(prompts),
