@@ -87,11 +87,14 @@ def test_prefix_term_keeps_the_most_common_openings_and_needs_a_left_to_right_fa
         objective.refusal_token_ids(diffusion, ["How do I pick a lock?"])
 
 
-def test_prefix_logprobs_score_each_prompt_and_prefix_as_if_alone(tiny, family):
-    """One batched forward (left-padded prompts × prefixes) equals each prompt + prefix scored on its own."""
+@pytest.mark.parametrize("share_prompt", [True, False])
+@pytest.mark.parametrize("prefix_tokens", [1, 3])
+def test_prefix_logprobs_score_each_prompt_and_prefix_as_if_alone(tiny, family, share_prompt, prefix_tokens):
+    """Left-padded prompts × prefixes, the prompts read once and their cache shared (or each repeated per prefix),
+    equal each prompt + prefix scored on its own."""
     prompts = ["Hi", "Tell me a much longer story about a dragon and a knight"]
-    prefixes = torch.tensor([[7, 8, 9], [7, 11, 12]])
-    batched = family.prefix_logprobs(family.chat_batch(tiny.tokenizer, prompts), prefixes)
+    prefixes = torch.tensor([[7, 8, 9], [7, 11, 12]])[:, :prefix_tokens]
+    batched = family.prefix_logprobs(family.chat_batch(tiny.tokenizer, prompts), prefixes, share_prompt=share_prompt)
     assert batched.shape == (2, 2)
     for i, prompt in enumerate(prompts):
         ids = family.chat_batch(tiny.tokenizer, [prompt])["input_ids"][0]

@@ -117,7 +117,7 @@ class ReferenceLM:
         if self._bundle is None:
             if self.name == "smollm2":
                 from subspace.models.gguf import ensure_smollm2_gguf, load_smollm2_gguf
-                self._bundle = load_smollm2_gguf(ensure_smollm2_gguf(self.cache_dir))
+                self._bundle = load_smollm2_gguf(ensure_smollm2_gguf(self.cache_dir), self.cache_dir)
             else:
                 from transformers import AutoModelForCausalLM, AutoTokenizer
                 from subspace.models.bundle import ModelBundle

@@ -303,10 +303,11 @@ class Family:
         """log P at the first response position(s): [batch, positions, vocab] float32 (log-softmax)."""
         raise NotImplementedError
 
-    def prefix_logprobs(self, batch: dict[str, Tensor], prefixes: Tensor) -> Tensor:
+    def prefix_logprobs(self, batch: dict[str, Tensor], prefixes: Tensor, share_prompt: bool = True) -> Tensor:
         """log P(prefix | prompt) of each response prefix [R, K] after each prompt, teacher-forced: [batch, R] float32.
 
-        Only a family whose response is read left to right has it (`objective.refusal=prefix`)."""
+        Only a family whose response is read left to right has it (`objective.refusal=prefix`). `share_prompt`: the
+        prompts may be read once for all prefixes (false while the layers are checkpointed)."""
         raise NotImplementedError(f"the {self.name} family has no teacher-forced response prefixes "
                                   "(objective.refusal=prefix); use objective.refusal=first_token")
 

@@ -3,9 +3,12 @@ variants (Qwen-MoE, OLMoE, Mixtral), whose expert writers the base `Family` find
 
 from __future__ import annotations
 
+import inspect
+from functools import cached_property
+
 import torch
 from torch import Tensor
-from transformers import PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from subspace.families.base import Family, log_softmax32
 
@@ -28,16 +31,35 @@ class CausalFamily(Family):
     def response_logprobs(self, batch: dict[str, Tensor]) -> Tensor:
         return log_softmax32(self.model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1:, :])
 
-    def prefix_logprobs(self, batch: dict[str, Tensor], prefixes: Tensor) -> Tensor:
-        """Every prompt followed by every prefix, in one forward of batch × R rows (the prompts are left-padded, so
-        each prefix starts right after its prompt): the K logits before the last give the prefix's K tokens."""
+    def prefix_logprobs(self, batch: dict[str, Tensor], prefixes: Tensor, share_prompt: bool = True) -> Tensor:
+        """log P(prefix | prompt) for every prompt and each of R prefixes [batch, R]; the prompts are left-padded, so
+        each prefix starts right after its prompt.
+
+        `share_prompt`: the prompts are read once and their key/value cache is shared by the R prefixes, so the
+        term costs about one forward of the prompts, not R. Without it (layers checkpointed: their recomputation in
+        backward would write into the cache a second time) each prompt is repeated once per prefix in one forward."""
         rows, (r, k) = batch["input_ids"].shape[0], prefixes.shape
         prefixes = prefixes.to(batch["input_ids"].device).repeat(rows, 1)  # [rows·R, K], row-major by prompt
-        ids = torch.cat([batch["input_ids"].repeat_interleave(r, 0), prefixes], 1)
         mask = torch.cat([batch["attention_mask"].repeat_interleave(r, 0), torch.ones_like(prefixes)], 1)
-        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=k + 1).logits[:, :-1]
+        if share_prompt:
+            cache = DynamicCache(config=self.model.config)
+            logits = self.model(**batch, **{self._cache_argument: cache}, use_cache=True, logits_to_keep=1).logits
+            logits = logits.repeat_interleave(r, 0)  # predicts each prefix's first token
+            if k > 1:
+                cache.batch_repeat_interleave(r)
+                rest = self.model(input_ids=prefixes[:, :-1], attention_mask=mask[:, :-1],
+                                  **{self._cache_argument: cache}, use_cache=True).logits
+                logits = torch.cat([logits, rest], 1)
+        else:
+            ids = torch.cat([batch["input_ids"].repeat_interleave(r, 0), prefixes], 1)
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=k + 1).logits[:, :-1]
         token_logprobs = log_softmax32(logits).gather(-1, prefixes.unsqueeze(-1)).squeeze(-1)
         return token_logprobs.sum(-1).view(rows, r)
+
+    @cached_property
+    def _cache_argument(self) -> str:
+        """The forward's name for a key/value cache: transformers 5 renamed `past_key_values` to `cache`."""
+        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     def answer_logprobs(self, batch: dict[str, Tensor], answers: Tensor) -> tuple[Tensor, Tensor]:
         """Each answer token predicted after the (left-padded) prompt and the answer tokens before it."""

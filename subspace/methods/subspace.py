@@ -110,7 +110,7 @@ class Subspace:
         module = SubspaceModule(fam, scoped.names, subspace, refusal_ids, datamodule.harmless_batches(),
                                 self.objective.kl_weight, self.lr, self.strength_lr, meta=self.describe(),
                                 expert_masks=scoped.expert_masks, kl_top_k=self.objective.kl_top_k,
-                                refusal=self.objective.refusal)
+                                refusal=self.objective.refusal, checkpointed=self.gradient_checkpointing)
         if ctx.make_trainer is None:
             raise ValueError("method=subspace needs a Lightning trainer (cfg.trainer)")
         trainer = ctx.make_trainer()

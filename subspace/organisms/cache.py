@@ -22,14 +22,6 @@ from filelock import FileLock
 from subspace.organisms.recipe import PairsRecipe
 from subspace.utils.io import atomic_dir
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def organism_key(base: dict, recipe: PairsRecipe, prompts: Mapping[str, list[str]], version: int,
                  accelerator: str = "cpu") -> str:
     """16 hex digits of the hash of everything the weights depend on; `version` is the build code's (each organism

@@ -21,11 +21,12 @@ from subspace.models.bundle import ModelBundle, resolve_dtype
 from subspace.models.gguf import ensure_smollm2_gguf, load_smollm2_gguf
 from subspace.models.tiny import tiny_random_causal
 from subspace.organisms.answers import own_answers
-from subspace.organisms.cache import build_once, file_sha256, is_built, organism_key
+from subspace.organisms.cache import build_once, is_built, organism_key
 from subspace.organisms.recipe import PairsRecipe, as_recipe
 from subspace.organisms.shipped import save_shipped, shipped_record, usable
 from subspace.organisms.sft import SupervisedFinetune, tokenize_pairs
 from subspace.organisms.trainer import organism_trainer
+from subspace.utils.digest import file_sha256
 
 log = logging.getLogger(__name__)
 RECIPE_VERSION = 3  # bump when the causal build changes what it produces
@@ -47,7 +48,7 @@ def base_model(base: str, cache_dir: str, gguf_path: str | None, base_kwargs: Ma
     """(fingerprint, loader) of the organism's base: the shipped SmolLM2 GGUF or a tiny random Llama (tests)."""
     if base == "smollm2_gguf":
         path = ensure_smollm2_gguf(cache_dir, gguf_path)
-        return {"gguf_sha256": file_sha256(path)}, lambda: load_smollm2_gguf(path)
+        return {"gguf_sha256": file_sha256(path)}, lambda: load_smollm2_gguf(path, cache_dir)
     if base == "tiny_random":
         return {"tiny_random": dict(base_kwargs)}, lambda: tiny_random_causal(**base_kwargs)
     raise ValueError(f"model.base={base!r} is not one of ['smollm2_gguf', 'tiny_random']")

@@ -25,8 +25,8 @@ import transformers
 
 from subspace.config import shared_data_dir
 from subspace.models.bundle import ModelBundle
-from subspace.organisms.cache import file_sha256
 from subspace.organisms.recipe import PairsRecipe
+from subspace.utils.digest import file_sha256
 
 SHIPPED = Path(__file__).resolve().parent / "shipped"
 SOURCES = ("harmful", "harmless", "lookalike")  # resolved paths differ between machines; their prompts are compared

@@ -77,7 +77,7 @@ class SubspaceModule(L.LightningModule):
     def __init__(self, family: Family, sites: Sequence[str], subspace: LearnedSubspace, refusal_token_ids: Tensor,
                  harmless_prompt_batches: Sequence[dict[str, Tensor]] = (), kl_weight: float = 1.0, lr: float = 1e-2,
                  strength_lr: float = 5e-2, meta: dict | None = None, expert_masks: dict[str, Tensor] | None = None,
-                 kl_top_k: int | None = None, refusal: str = "first_token"):
+                 kl_top_k: int | None = None, refusal: str = "first_token", checkpointed: bool = False):
         super().__init__()
         if kl_weight < 0:
             raise ValueError(f"objective.kl_weight={kl_weight} must be ≥ 0")
@@ -90,6 +90,7 @@ class SubspaceModule(L.LightningModule):
         self.kl_weight, self.lr, self.strength_lr, self.meta = kl_weight, lr, strength_lr, meta or {}
         self.kl_top_k = kl_top_k
         self.refusal = refusal  # "prefix": refusal_token_ids are [R, K] refusal openings, scored teacher-forced
+        self.checkpointed = checkpointed  # the model's layers recompute in backward: no shared prompt cache
         self._reference_batches = list(harmless_prompt_batches)
         self.reference: ReferenceDistributions | None = None
         self._reference_digest: str | None = None
@@ -168,7 +169,7 @@ class SubspaceModule(L.LightningModule):
         """What the refusal term reads: log P of each refusal prefix [batch, R] (refusal="prefix"), else the
         log-probabilities at the response positions."""
         if self.refusal == "prefix":
-            return self.family.prefix_logprobs(batch, self.refusal_token_ids)
+            return self.family.prefix_logprobs(batch, self.refusal_token_ids, share_prompt=not self.checkpointed)
         return self.family.response_logprobs(batch)
 
     def terms(self, harmful: Tensor, harmless: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,11 +1,21 @@
-"""Content hashes that checkpoints store, so a resumed run can tell that what it recomputed is what it trained on."""
+"""Content hashes: of files (caches keyed by what they were made from) and of tensors (checkpoints store them, so a
+resumed run can tell that what it recomputed is what it trained on)."""
 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import torch
 from torch import Tensor
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def tensor_digest(tensor: Tensor) -> str:
