@@ -5,7 +5,8 @@
     python scripts/candidates.py pick PLAN_DIR OUT_DIR     # writes PLAN_DIR/candidates.json
 
 candidates.txt's first line holds the overrides every candidate shares. The pick is `subspace.benchmark.choice.pick_point`
-on each run's `select_refusal_rate_after` and `select_kl` with the refusal budget the plan states (5% unless
+on each run's `select_refusal_rate_after` and `select_kl` (`run` passes eval.on_select=true, which single runs leave
+off) with the refusal budget the plan states (5% unless
 PLAN_DIR/refusal_budget.txt holds another); val numbers are never read.
 """
 
@@ -38,7 +39,7 @@ def run(plan: Path, out: Path) -> None:
         if (out / cid / "metrics.json").exists():  # finished by an earlier, interrupted `run`
             print(f"{cid}: already finished in {out / cid}, skipped")
             continue
-        subprocess.run([sys.executable, str(ROOT / "train.py"), *common, *overrides,
+        subprocess.run([sys.executable, str(ROOT / "train.py"), *common, *overrides, "eval.on_select=true",
                         f"hydra.run.dir={out / cid}"], check=True, cwd=ROOT)
 
 

@@ -1,4 +1,5 @@
-"""OmegaConf resolvers used by `conf/`: where the project and the public prompt splits live."""
+"""OmegaConf resolvers used by `conf/`: where the project and the public prompt splits live, and whether this run is
+one job of a sweep."""
 
 from __future__ import annotations
 
@@ -30,7 +31,15 @@ def shared_or(relative: str, fallback: str, skip: int = 0) -> str | dict:
     return fallback
 
 
+def sweeping() -> bool:
+    """Whether this run is a job of a Hydra multirun (`--multirun`); False outside Hydra (the compose API, tests)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def register_resolvers() -> None:
-    for name, fn in (("repo_root", lambda: str(REPO_ROOT)), ("shared_or", shared_or)):
+    for name, fn in (("repo_root", lambda: str(REPO_ROOT)), ("shared_or", shared_or), ("sweeping", sweeping)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

@@ -11,7 +11,7 @@ import torch
 
 from subspace.config import shared_data_dir
 from subspace.evaluation.evaluator import Evaluator
-from subspace.evaluation.judges import MarkerJudge, ThreeWayJudge, fit_three_way, shipped_weights
+from subspace.evaluation.judges import MarkerJudge, ReferenceLM, ThreeWayJudge, fit_three_way, shipped_weights
 from subspace.evaluation.labelled import agreement, load_labelled
 from subspace.evaluation.metrics import VerdictRates
 from subspace.families import CausalFamily
@@ -96,6 +96,24 @@ def test_judge_script_adds_verdicts_and_prints_the_confusion_matrix(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "scripts/judge.py"), str(src), str(out), "--judge", "marker"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "each line needs 'prompt' and 'response'" in bad.stderr
+
+
+def test_reference_nll_is_each_responses_mean_token_nll_after_its_prompt_scored_alone(tiny):
+    """Batched by length (here 2 rows a batch, so rows of other lengths share one), right-padded, scored at the
+    response positions: each value is the response's mean per-token NLL after its chat-templated prompt."""
+    reference = ReferenceLM(batch_size=2)
+    reference._bundle = tiny
+    prompts = ["Hi", "Tell me a much longer story about a dragon and a knight", "Why?", "Name a colour."]
+    responses = [ANSWER, "No.", REFUSAL, ""]  # an empty response is scored as its end token
+    tok = tiny.tokenizer
+    for prompt, response, value in zip(prompts, responses, reference.nll(prompts, responses)):
+        context = reference._context(prompt)  # the chat-templated prompt
+        answer = tok(response, add_special_tokens=False)["input_ids"][:96] or [tok.eos_token_id]
+        ids = torch.tensor([context + answer])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(tiny.model(input_ids=ids).logits[0, len(context) - 1: -1].float(), -1)
+        alone = -logprobs.gather(-1, torch.tensor(answer)[:, None]).mean()
+        assert value == pytest.approx(alone.item(), abs=1e-5), (prompt, response)
 
 
 def test_causal_answer_logprobs_match_each_prompt_alone(tiny):

@@ -57,8 +57,13 @@ def test_sweep_objectives_single_and_multi():
         sweep_objectives({"kl": 0.2}, OBJECTIVES, multirun=True)
 
 
-def test_single_run_without_a_selection_split_finishes(tmp_path, cache_dir, tiny_organism):
-    metrics = run_train(tmp_path, cache_dir, "data.n_select=0")  # nothing to return to a sweeper: not an error
+def test_a_single_run_measures_the_selection_split_when_asked(tmp_path, cache_dir, tiny_organism):
+    """Sweeps measure it in every job (test_multirun_*); a single run only with eval.on_select=true, and without a
+    selection split (data.n_select=0) it has nothing to return to a sweeper, which is not an error."""
+    (tmp_path / "asked").mkdir(), (tmp_path / "none").mkdir()
+    metrics = run_train(tmp_path / "asked", cache_dir, "eval.on_select=true")
+    assert {"select_refusal_rate_after", "select_answer_rate_after", "select_kl"} <= metrics.keys()
+    metrics = run_train(tmp_path / "none", cache_dir, "eval.on_select=true", "data.n_select=0")
     assert "select_kl" not in metrics and "kl" in metrics
 
 

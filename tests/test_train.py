@@ -18,7 +18,7 @@ from tests.conftest import REQUIRED, ROOT, run_train
 def test_train_py_default_method_writes_the_run_directory(tmp_path, cache_dir, tiny_organism):
     metrics = run_train(tmp_path, cache_dir)
     assert REQUIRED <= metrics.keys()
-    assert {"select_refusal_rate_after", "select_kl"} <= metrics.keys()  # what sweeps optimise
+    assert "select_kl" not in metrics  # a single run leaves the selection split to sweeps (and eval.on_select=true)
     assert metrics["method"] == "subspace" and metrics["n_harmful"] == 6 and metrics["n_harmless"] == 6
     run = tmp_path / "run"
     for path in ("edit.safetensors", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",

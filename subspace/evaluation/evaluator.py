@@ -44,7 +44,8 @@ class Evaluator:
     progress: bool = True
     apply: str = "hooks"
     kl_response_tokens: int = 16  # kl_response: over the first N tokens of the unedited model's own answers
-    on_select: bool = True  # a run also measures its edit on the held-back selection split (what sweeps optimise)
+    on_select: bool = True  # also measure the edit on the held-back selection split (what sweeps optimise; conf/eval:
+    # in sweeps only)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens is None:

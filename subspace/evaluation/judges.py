@@ -135,29 +135,31 @@ class ReferenceLM:
 
     @torch.no_grad()
     def nll(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        """Mean NLL per response token (first `max_tokens`), in batches of right-padded prompt + response."""
+        """Mean NLL per response token (first `max_tokens`), in batches of right-padded prompt + response; rows are
+        batched by length (little padding); the log-softmax is taken at the response positions only."""
         model, tokenizer = self.bundle.model, self.bundle.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         rows = []
         for p, r in zip(prompts, responses):
             answer = tokenizer(r, add_special_tokens=False)["input_ids"][: self.max_tokens] or [tokenizer.eos_token_id]
             rows.append((self._context(p)[-256:], answer))
-        out = []
-        for i in range(0, len(rows), self.batch_size):
-            chunk = rows[i: i + self.batch_size]
-            width = max(len(c) + len(a) for c, a in chunk)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+        out: dict[int, float] = {}
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start: start + self.batch_size]
+            width = max(len(rows[i][0]) + len(rows[i][1]) for i in chunk)
             ids = torch.full((len(chunk), width), pad)
-            mask, scored = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
-            for j, (c, a) in enumerate(chunk):
-                ids[j, : len(c) + len(a)] = torch.tensor(c + a)
-                mask[j, : len(c) + len(a)] = 1
-                scored[j, len(c): len(c) + len(a)] = True
-            ids, mask = ids.to(model.device), mask.to(model.device)
-            logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-            token = -logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1).cpu()
-            scored = scored[:, 1:]
-            out += ((token * scored).sum(1) / scored.sum(1)).tolist()
-        return out
+            mask = torch.zeros_like(ids)
+            for j, i in enumerate(chunk):
+                context, answer = rows[i]
+                ids[j, : len(context) + len(answer)] = torch.tensor(context + answer)
+                mask[j, : len(context) + len(answer)] = 1
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+            for j, i in enumerate(chunk):  # the positions that predict the answer's tokens
+                context, answer = rows[i]
+                scored = logits[j, len(context) - 1: len(context) + len(answer) - 1].float()
+                out[i] = torch.nn.functional.cross_entropy(scored, torch.tensor(answer, device=scored.device)).item()
+        return [out[i] for i in range(len(rows))]
 
 
 def feature_matrix(prompts: Sequence[str], responses: Sequence[str], nll: Sequence[float] | None = None) -> torch.Tensor:
