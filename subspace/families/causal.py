@@ -37,12 +37,15 @@ class CausalFamily(Family):
 
         `share_prompt`: the prompts are read once and their key/value cache is shared by the R prefixes, so the
         term costs about one forward of the prompts, not R. Without it (layers checkpointed: their recomputation in
-        backward would write into the cache a second time) each prompt is repeated once per prefix in one forward."""
+        backward would write into the cache a second time), or where the cache holds a recurrent state that
+        transformers cannot copy per row, each prompt is repeated once per prefix in one forward."""
         rows, (r, k) = batch["input_ids"].shape[0], prefixes.shape
         prefixes = prefixes.to(batch["input_ids"].device).repeat(rows, 1)  # [rows·R, K], row-major by prompt
         mask = torch.cat([batch["attention_mask"].repeat_interleave(r, 0), torch.ones_like(prefixes)], 1)
-        if share_prompt:
-            cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache(config=self.model.config) if share_prompt else None
+        if cache is not None and not all(hasattr(layer, "batch_repeat_interleave") for layer in cache.layers):
+            cache = None  # a recurrent state (Mamba, linear attention) transformers cannot copy per row
+        if cache is not None:
             logits = self.model(**batch, **{self._cache_argument: cache}, use_cache=True, logits_to_keep=1).logits
             logits = logits.repeat_interleave(r, 0)  # predicts each prefix's first token
             if k > 1:
