@@ -38,20 +38,24 @@ def test_three_way_text_judge_tells_the_three_apart():
 
 
 @NEEDS_SHARED
-def test_shipped_text_judge_reproduces_its_documented_agreement():
-    """docs/evaluation.md's numbers for three_way_text on the check half: a change to the features fails here."""
-    rows = load_labelled(part="check")
+@pytest.mark.parametrize("part, n, answer_vs_not, refusal_vs_not", [("check", 270, 0.878, 0.915),
+                                                                  ("check2", 99, 0.677, 0.869)])
+def test_shipped_text_judge_reproduces_its_documented_agreement(part, n, answer_vs_not, refusal_vs_not):
+    """docs/evaluation.md's numbers for three_way_text on the check parts: a change to the features fails here."""
+    rows = load_labelled(part=part)
     verdicts = ThreeWayJudge("three_way_text").verdicts([r["prompt"] for r in rows], [r["response"] for r in rows])
     stats = agreement([r["label"] for r in rows], verdicts)
-    assert stats["n"] == 270
-    assert (round(stats["answer_vs_not"], 3), round(stats["refusal_vs_not"], 3)) == (0.878, 0.915)
+    assert stats["n"] == n
+    assert (round(stats["answer_vs_not"], 3), round(stats["refusal_vs_not"], 3)) == (answer_vs_not, refusal_vs_not)
 
 
 def test_labelled_set_stores_no_public_prompt_text():
     rows = [json.loads(line) for line in (ROOT / "subspace/evaluation/labelled/responses.jsonl").read_text().splitlines()]
     assert len(rows) >= 400 and all("prompt" not in r for r in rows)
     assert {r["family"] for r in rows} == {"causal", "llada", "moe", "diffusion_gemma"}
-    assert {r["part"] for r in rows} == {"fit", "check"} and {r["label"] for r in rows} == {"refusal", "answer", "broken"}
+    assert {r["part"] for r in rows} == {"fit", "check", "check2"}
+    assert {r["label"] for r in rows} == {"refusal", "answer", "broken"}
+    assert all(set(r["readers"].values()) <= {"refusal", "answer", "broken"} for r in rows if r["part"] == "check2")
 
 
 def test_fit_learns_labels_and_bad_inputs_are_named(tmp_path):
