@@ -71,8 +71,7 @@ def render(reports: list[ClassReport], seconds: float) -> str:
         "- **merge/unmerge exact**: every weight is bit-identical after the merged block is left;",
         "- **diff-means fit** and **learned subspace fit**: `DiffMeans` and a two-step `Subspace` fit through the "
         "pipeline's own `RunContext` in-process (the base model unchanged after); the subspace fit uses the causal "
-        "default's prefix refusal term, whose shared prompt cache must first score as each prompt repeated per "
-        "prefix does.",
+        "default's prefix refusal term.",
         "",
         "Post-norm (`writer → norm` in the last column): the writer's output is normalised (or scaled per channel) "
         "before it joins the residual stream. The edit acts on the writer's output, *before* that norm, in both "

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from subspace.evaluation.judges import MarkerJudge
+from subspace.families import CausalFamily
 from subspace.evaluation.metrics import ResponseKL, RefusalRate
 from subspace.objectives.losses import kl_divergence, prefix_refusal_loss, refusal_loss
 from subspace.objectives.refusal_kl import RefusalKLObjective
@@ -103,6 +104,26 @@ def test_prefix_logprobs_score_each_prompt_and_prefix_as_if_alone(tiny, family, 
             logprobs = torch.log_softmax(tiny.model(input_ids=full).logits[0, len(ids) - 1: -1].float(), -1)
             alone = logprobs.gather(-1, prefix.unsqueeze(-1)).sum()
             assert torch.allclose(batched[i, r], alone, atol=1e-4), (prompt, prefix)
+
+
+@pytest.mark.parametrize("model_type, shares", [("llama", True), ("mamba", False), ("cpmant", False)])
+def test_the_prompt_cache_is_shared_only_where_it_scores_as_repeated_prompts(model_type, shares, caplog):
+    """Checked once per model on the first batch: a recurrent state (Mamba) or an attention bias placed by the new
+    tokens alone (CPM-Ant) falls back, logged, to repeating each prompt; the scores are the same either way."""
+    from subspace.models.tiny import tiny_tokenizer
+    from subspace.models.tiny_zoo import tiny_model
+
+    tok = tiny_tokenizer()
+    family = CausalFamily(tiny_model(model_type, len(tok), {"pad_token_id": tok.pad_token_id,
+                                                            "bos_token_id": tok.bos_token_id,
+                                                            "eos_token_id": tok.eos_token_id}))
+    batch = family.chat_batch(tok, ["Hi", "Tell me a much longer story about a dragon and a knight"])
+    prefixes = torch.tensor([[7, 8, 9], [7, 11, 12]])
+    with caplog.at_level("WARNING"):
+        scores = family.prefix_logprobs(batch, prefixes)
+    assert family.shares_prompt_cache(batch, prefixes) is shares
+    assert ("repeats each prompt once per prefix" in caplog.text) is not shares
+    torch.testing.assert_close(scores, family.prefix_logprobs(batch, prefixes, share_prompt=False), rtol=1e-4, atol=1e-4)
 
 
 def test_refusal_loss_per_position_reads_each_positions_own_tokens():

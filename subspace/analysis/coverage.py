@@ -215,18 +215,6 @@ def _run_checks(report: ClassReport, work: Path, fits: bool) -> None:
 PREFIXES = torch.tensor([[5, 7], [5, 9], [6, 8]])  # fixed refusal openings for the prefix term: [R, K]
 
 
-def _prefix_cache_matches(family, tok) -> None:
-    """The prefix term's shared prompt cache scores the same as repeating each prompt per prefix (a cache this
-    architecture cannot share, e.g. a recurrent state, would not)."""
-    batch = family.chat_batch(tok, ["Hi", "Tell me a longer story about a dragon"])
-    with torch.no_grad():
-        shared = family.prefix_logprobs(batch, PREFIXES, share_prompt=True)
-        repeated = family.prefix_logprobs(batch, PREFIXES, share_prompt=False)
-    if not torch.allclose(shared, repeated, rtol=1e-4, atol=1e-4):
-        raise AssertionError(f"the prefix term's shared prompt cache scores differ from repeated prompts by "
-                             f"{float((shared - repeated).abs().max()):.2e}")
-
-
 def _fits(report: ClassReport, model, tok, family, work: Path) -> None:
     import lightning as L
 
@@ -268,10 +256,8 @@ def _fits(report: ClassReport, model, tok, family, work: Path) -> None:
             f"the edit has {len(edit.sites)} sites for {len(family.writer_sites())} writers")
     except Exception as err:  # noqa: BLE001
         report.results["diff_means"] = _reason(err) + " | " + traceback.format_exc(limit=-2).splitlines()[-3].strip()
-    try:  # a family read left to right fits the causal default's prefix term, its prompt cache shared by the prefixes
+    try:  # a family read left to right fits the causal default's prefix term
         refusal = "prefix" if family.reads_prefixes else "first_token"
-        if refusal == "prefix":
-            _prefix_cache_matches(family, tok)
         method = Subspace(objective=FixedRefusalTokens(refusal=refusal, prefix_tokens=2), rank=2, layers=[last],
                           batch_size=2, max_length=48, learn_strength=False, strength_init=0.5)
         edit = method.fit(ctx)
