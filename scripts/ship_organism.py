@@ -19,9 +19,8 @@ from hydra.utils import instantiate
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # this checkout's subspace package first
 from subspace.config import register_resolvers  # noqa: E402
+from subspace.models.gguf import HUB_NAME  # noqa: E402
 from subspace.organisms.causal import RECIPE_VERSION, OrganismRecipe  # noqa: E402
-
-GGUF_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the GGUF holds (Q4_1), named as on the hub
 from subspace.organisms.recipe import as_recipe  # noqa: E402
 from subspace.organisms.shipped import ship  # noqa: E402
 
@@ -37,7 +36,7 @@ def main(overrides: list[str]) -> Path:
     bundle = instantiate(cfg.model, rebuild=True)
     folder = ship(Path(bundle.source["organism"]), cfg.model.name, bundle.source["organism_key"],
                   bundle.source["base"], recipe, recipe.prompts(), RECIPE_VERSION,
-                  base_name=GGUF_BASE)
+                  base_name=HUB_NAME)
     print(f"shipped {bundle.source['organism']} as {folder}")
     return folder
 

@@ -66,7 +66,6 @@ class CausalFamily(Family):
                             type(self.model).__name__, str(why)[:200])
         return self._shares_prompt_cache
 
-
     def _prefix_logprobs_shared(self, batch: dict[str, Tensor], prefixes: Tensor) -> Tensor:
         rows, (r, k) = batch["input_ids"].shape[0], prefixes.shape
         prefixes = prefixes.to(batch["input_ids"].device).repeat(rows, 1)  # [rows·R, K], row-major by prompt

