@@ -43,8 +43,8 @@ def judge_file(args: argparse.Namespace) -> None:
 def fit(args: argparse.Namespace) -> None:
     rows = read("labelled:fit")
     prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
-    nll = None if args.text_only else ReferenceLM(args.reference).nll(prompts, responses)
-    state = fit_three_way(prompts, responses, [r["label"] for r in rows], nll) | {"reference": None if args.text_only else args.reference}
+    lm = None if args.text_only else ReferenceLM(args.reference).scores(prompts, responses)
+    state = fit_three_way(prompts, responses, [r["label"] for r in rows], lm) | {"reference": None if args.text_only else args.reference}
     Path(args.output).write_text(json.dumps(state, indent=1) + "\n")
     print(f"fitted on {len(rows)} labelled responses (l2 {state['l2']}, cross-validated accuracy {state['cv_accuracy']}) -> {args.output}")
 

@@ -38,8 +38,8 @@ def test_three_way_text_judge_tells_the_three_apart():
 
 
 @NEEDS_SHARED
-@pytest.mark.parametrize("part, n, answer_vs_not, refusal_vs_not", [("check", 270, 0.878, 0.915),
-                                                                  ("check2", 99, 0.677, 0.869)])
+@pytest.mark.parametrize("part, n, answer_vs_not, refusal_vs_not", [("check", 270, 0.844, 0.922),
+                                                                  ("check2", 99, 0.768, 0.808)])
 def test_shipped_text_judge_reproduces_its_documented_agreement(part, n, answer_vs_not, refusal_vs_not):
     """docs/evaluation.md's numbers for three_way_text on the check parts: a change to the features fails here."""
     rows = load_labelled(part=part)
@@ -47,6 +47,20 @@ def test_shipped_text_judge_reproduces_its_documented_agreement(part, n, answer_
     stats = agreement([r["label"] for r in rows], verdicts)
     assert stats["n"] == n
     assert (round(stats["answer_vs_not"], 3), round(stats["refusal_vs_not"], 3)) == (answer_vs_not, refusal_vs_not)
+
+
+def test_repetition_features_see_a_fluent_loop_that_word_counts_miss():
+    """A sentence of fresh words said three times: few repeated words or 3-grams, but repeated sentences."""
+    from subspace.evaluation.judges import repeated_units, text_features
+
+    loop = ("To begin, gather the documents you need for the application. " * 3).strip()
+    varied = ("To begin, gather the documents you need. Then fill in the form online and pay the fee. "
+              "Finally, book an appointment at the office nearest to you.")
+    assert repeated_units(loop) == (2 / 3, 2 / 3) and repeated_units(varied) == (0.0, 0.0)
+    assert repeated_units("Take the bus to work. Take the bus to school.") == (0.0, 0.0)  # 4 of 6 words shared
+    looped, fresh = text_features("q", loop), text_features("q", varied)
+    assert looped["distinct8"] < 0.5 < fresh["distinct8"] == 1.0
+    assert looped["compression"] < fresh["compression"]
 
 
 def test_labelled_set_stores_no_public_prompt_text():
@@ -118,6 +132,35 @@ def test_reference_nll_is_each_responses_mean_token_nll_after_its_prompt_scored_
             logprobs = torch.log_softmax(tiny.model(input_ids=ids).logits[0, len(context) - 1: -1].float(), -1)
         alone = -logprobs.gather(-1, torch.tensor(answer)[:, None]).mean()
         assert value == pytest.approx(alone.item(), abs=1e-5), (prompt, response)
+
+
+def test_reference_hidden_state_is_the_middle_layers_mean_over_the_response_scored_alone(tiny):
+    reference = ReferenceLM(batch_size=2)
+    reference._bundle = tiny
+    prompts, responses = ["Hi", "Tell me a much longer story about a dragon", "Why?"], [ANSWER, "No.", REFUSAL]
+    nll, hidden = reference.scores(prompts, responses)
+    assert nll == reference.nll(prompts, responses) and hidden.shape == (3, tiny.model.config.hidden_size)
+    layers = tiny.model.config.num_hidden_layers
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        context, answer = reference._context(prompt), tiny.tokenizer(response, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            states = tiny.model(input_ids=torch.tensor([context + answer]), output_hidden_states=True).hidden_states
+        assert len(states) == layers + 1  # the embeddings, then each layer's output
+        torch.testing.assert_close(hidden[i], states[(layers + 1) // 2][0, len(context):].double().mean(0),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_weights_fitted_with_another_hidden_size_are_refused_by_name(tiny, tmp_path):
+    responses = [REFUSAL, ANSWER, BROKEN] * 6
+    prompts = ["What is the capital of France?"] * 18
+    state = fit_three_way(prompts, responses, ["refusal", "answer", "broken"] * 6,
+                          ([1.0, 2.0, 3.0] * 6, torch.randn(18, 7, dtype=torch.float64)), folds=3)
+    path = tmp_path / "w.json"
+    path.write_text(json.dumps(state))
+    judge = ThreeWayJudge(path)
+    judge.reference._bundle = tiny  # hidden size 32, not 7
+    with pytest.raises(ValueError, match="fitted on .* features; this judge computes"):
+        judge.verdicts(["q"], [ANSWER])
 
 
 def test_causal_answer_logprobs_match_each_prompt_alone(tiny):
