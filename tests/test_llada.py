@@ -206,3 +206,23 @@ def test_train_py_on_the_tiny_llada_organism_reports_the_same_keys(tmp_path, cac
     assert metrics["model_source"]["causal_organism"].startswith(str(cache_dir))
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 12 and all("<|mdm_mask|>" not in s["before"] + s["after"] for s in samples)
+
+
+def test_snapshots_give_a_curve_of_verdicts_against_steps(tmp_path, cache_dir, tiny_organism):
+    """A build with model.snapshot_every saves the model along its (bfloat16-mixed) fine-tune;
+    scripts/organism_curve.py judges every snapshot and the finished organism and plots them."""
+    out = tmp_path / "curve"
+    cmd = [sys.executable, str(ROOT / "scripts" / "organism_curve.py"), "model=tiny_llada_organism",
+           "+model.snapshot_every=40", "model.recipe.max_steps=100", "+model.recipe.precision=bf16-mixed",
+           f"paths.cache_dir={cache_dir}", f"hydra.run.dir={out}", "eval/judge=three_way_text", "curve.limit=3",
+           "organism_sets=select"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = (out / "curve.csv").read_text().splitlines()
+    assert rows[0].startswith("step,harmful_select_refusal,harmful_select_answer,harmful_select_broken")
+    assert [int(r.split(",")[0]) for r in rows[1:]] == [40, 80, 100]
+    assert (out / "curve.png").stat().st_size > 0
+    responses = [json.loads(line) for line in (out / "curve_responses.jsonl").read_text().splitlines()]
+    assert len(responses) == 3 * 3 * 3
+    by_step = {s: [r["response"] for r in responses if r["step"] == s] for s in (40, 100)}
+    assert by_step[40] != by_step[100]  # the snapshots are other weights, not the finished organism again

@@ -37,6 +37,23 @@ def test_the_key_covers_recipe_prompts_and_base():
     assert key == organism_key({"base": 1}, OrganismRecipe(), prompts, 3, accelerator="cpu")
 
 
+def test_a_recipe_field_added_with_a_none_default_keeps_earlier_keys():
+    """The LLaDA recipe gained `precision` (None: float32) after organisms were built and keyed without it."""
+    from dataclasses import dataclass
+
+    from subspace.organisms.llada import DiffusionRecipe
+
+    @dataclass
+    class Later(OrganismRecipe):
+        added: str | None = None
+
+    prompts = {"harmful": ["a"], "harmless": ["b"], "lookalike": []}
+    assert organism_key({"base": 1}, Later(), prompts, 3) == organism_key({"base": 1}, OrganismRecipe(), prompts, 3)
+    assert organism_key({"base": 1}, Later(added="x"), prompts, 3) != organism_key({"base": 1}, OrganismRecipe(), prompts, 3)
+    assert (organism_key({}, DiffusionRecipe(precision="bf16-mixed"), prompts, 1)
+            != organism_key({}, DiffusionRecipe(), prompts, 1))
+
+
 def ship_tiny(tiny_organism, root: Path) -> tuple[OrganismRecipe, dict]:
     """Ship the session's tiny organism into `root`, as scripts/ship_organism.py does; (recipe, its record)."""
     recipe = as_recipe(TINY_ORGANISM["recipe"], OrganismRecipe)

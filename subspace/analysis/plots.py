@@ -147,3 +147,21 @@ def plot_comparison(tables: Mapping[str, Table], path: str | Path, title: str = 
             ax.legend(fontsize=8)
     fig.suptitle(title or "separation per layer, side by side")
     return _save(fig, path)
+
+
+def plot_organism_curve(table: Sequence[Mapping[str, float]], sets: Sequence[str], path: str | Path,
+                        title: str = "") -> Path:
+    """One panel per set: the rates of `answer`, `refusal` and `broken` against the fine-tune's step."""
+    fig = Figure(figsize=(4.2 * len(sets), 3.4))
+    steps = [row["step"] for row in table]
+    for i, name in enumerate(sets):
+        ax = fig.add_subplot(1, len(sets), i + 1)
+        for verdict, colour in (("answer", "tab:green"), ("refusal", "tab:red"), ("broken", "tab:gray")):
+            ax.plot(steps, [row[f"{name}_{verdict}"] for row in table], marker="o", color=colour, label=verdict)
+        ax.set(title=name, xlabel="fine-tune step", ylim=(-0.03, 1.03))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.axes[0].set_ylabel("share of responses")
+    fig.axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -6,13 +6,12 @@ same files whichever made them.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 from subspace.analysis.geometry import Geometry
 from subspace.analysis.plots import plot_pca_grid, plot_separation, plot_training_curves
 from subspace.analysis.training_log import Curves
-from subspace.utils.io import atomic_path, write_json
+from subspace.utils.io import write_csv, write_json
 
 TABLE_CSV, TABLE_JSON = "geometry.csv", "geometry.json"
 
@@ -21,11 +20,7 @@ def write_table(geometry: Geometry, out_dir: Path) -> dict[str, Path]:
     """geometry.csv (one row per layer; empty cells where undefined) and geometry.json (columns + meta)."""
     table = geometry.table
     rows = [dict(zip(table, values)) for values in zip(*table.values())]
-    with atomic_path(out_dir / TABLE_CSV) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(table))
-            writer.writeheader()
-            writer.writerows(rows)
+    write_csv(out_dir / TABLE_CSV, rows)
     write_json(out_dir / TABLE_JSON, {"meta": geometry.meta, "layers": rows})
     return {"table_csv": out_dir / TABLE_CSV, "table_json": out_dir / TABLE_JSON}
 

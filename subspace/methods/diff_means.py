@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -13,6 +12,7 @@ from subspace.interventions.edit import ProjectionEdit
 from subspace.methods.base import RunContext
 from subspace.methods.directions import class_means
 from subspace.methods.moe_scope import ScopedSites, calibration, check_moe_scope, scoped_sites
+from subspace.utils.io import write_csv
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,7 @@ class DiffMeans:
             rate, _, _ = ctx.evaluator.refusals(harmful, edit, f"scan layer {layer}", self.scan_max_new_tokens)
             rows.append({"layer": layer, "select_refusal_rate": rate, "select_kl": ctx.evaluator.kl(harmless, edit, reference)})
             log.info("scan layer %d: refusal %.3f, KL %.3f", layer, rows[-1]["select_refusal_rate"], rows[-1]["select_kl"])
-        with open(ctx.run_dir / "scan.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(ctx.run_dir / "scan.csv", rows)
         best = min(rows, key=lambda r: (r["select_refusal_rate"], r["select_kl"]))
         ctx.report["scan"], ctx.report["trials"] = rows, len(rows)
         return best["layer"]

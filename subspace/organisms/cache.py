@@ -26,8 +26,10 @@ def organism_key(base: dict, recipe: PairsRecipe, prompts: Mapping[str, list[str
                  accelerator: str = "cpu") -> str:
     """16 hex digits of the hash of everything the weights depend on; `version` is the build code's (each organism
     kind's `*_VERSION`, bumped when its build changes what it produces). An accelerator other than the CPU (which
-    built every cached organism, and whose keys therefore leave it out) gives other numerics: a key of its own."""
-    blob = {"base": base, "recipe": asdict(recipe), "version": version, "prompts": prompts,
+    built every cached organism, and whose keys therefore leave it out) gives other numerics: a key of its own.
+    Recipe fields left at None are left out too, so a field added later with a None default keeps earlier keys."""
+    recipe_fields = {k: v for k, v in asdict(recipe).items() if v is not None}
+    blob = {"base": base, "recipe": recipe_fields, "version": version, "prompts": prompts,
             "libs": {m.__name__: m.__version__ for m in (torch, transformers, peft, L)}}
     if accelerator != "cpu":
         blob["accelerator"] = accelerator

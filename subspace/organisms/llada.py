@@ -10,6 +10,7 @@ the causal organism and keyed by its key plus this recipe.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from subspace.organisms.answers import own_answers
 from subspace.organisms.causal import derived_organism
 from subspace.organisms.recipe import PairsRecipe, as_recipe
 from subspace.organisms.diffusion_sft import MaskedDiffusionFinetune, canvas_examples
+from subspace.organisms.snapshots import Snapshots
 from subspace.organisms.trainer import organism_trainer
 
 log = logging.getLogger(__name__)
@@ -40,16 +42,21 @@ class DiffusionRecipe(PairsRecipe):
     lr: float = 1e-4
     batch_size: int = 16
     max_steps: int = 400
+    precision: str | None = None  # a Lightning precision for the fine-tune; None: 32-true (v1)
 
 
 def load_llada_organism(name: str = "llada_organism", cache_dir: str = "~/.cache/subspace",
                         source: ModelBundle | None = None, recipe: Mapping[str, Any] | DiffusionRecipe | None = None,
                         dtype: str = "float32", device: str = "cpu", family: Mapping[str, Any] | None = None,
-                        accelerator: str = "cpu") -> ModelBundle:
-    """Load the cached LLaDA organism, building it from `source` (the causal organism, built if needed) if needed."""
+                        accelerator: str = "cpu", snapshot_every: int | None = None) -> ModelBundle:
+    """Load the cached LLaDA organism, building it from `source` (the causal organism, built if needed) if needed.
+
+    `snapshot_every`: a build also saves the model every that many steps under `snapshots/` (for
+    `scripts/organism_curve.py`); it does not change the organism or its key."""
     recipe = as_recipe(recipe, DiffusionRecipe)
-    folder, key, causal = derived_organism(name, cache_dir, source, recipe, DIFFUSION_RECIPE_VERSION,
-                                           build_llada_organism, accelerator)
+    build = functools.partial(build_llada_organism, snapshot_every=snapshot_every)
+    folder, key, causal = derived_organism(name, cache_dir, source, recipe, DIFFUSION_RECIPE_VERSION, build,
+                                           accelerator)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = LLaDAModelLM.from_pretrained(folder, dtype=resolve_dtype(dtype)).to(device).eval().requires_grad_(False)
     return ModelBundle(model, tokenizer, name, {"organism": str(folder), "organism_key": key,
@@ -57,7 +64,8 @@ def load_llada_organism(name: str = "llada_organism", cache_dir: str = "~/.cache
 
 
 def build_llada_organism(causal: ModelBundle, recipe: DiffusionRecipe, prompts: Mapping[str, list[str]],
-                         folder: Path, cache_dir: str | None = None, accelerator: str = "cpu") -> dict:
+                         folder: Path, cache_dir: str | None = None, accelerator: str = "cpu",
+                         snapshot_every: int | None = None) -> dict:
     L.seed_everything(recipe.seed, verbose=False)
     tokenizer = copy.deepcopy(causal.tokenizer)  # gains a mask token; the causal organism's stays as it is
     answers = own_answers(causal, {"organism_key": causal.source["organism_key"]}, recipe.answered(prompts),
@@ -71,7 +79,8 @@ def build_llada_organism(causal: ModelBundle, recipe: DiffusionRecipe, prompts: 
                                tokenizer.eos_token_id)
     module = MaskedDiffusionFinetune(model, examples, tokenizer.pad_token_id, mask_id, recipe.lr, recipe.batch_size,
                                      recipe.max_steps, recipe.min_mask_ratio, recipe.seed)
-    trainer = organism_trainer(recipe.max_steps, "llada organism", accelerator)
+    snapshots = [Snapshots(folder / "snapshots", snapshot_every, tokenizer)] if snapshot_every else []
+    trainer = organism_trainer(recipe.max_steps, "llada organism", accelerator, recipe.precision, snapshots)
     log.info("llada organism: masked-diffusion fine-tune, %d steps", recipe.max_steps)
     trainer.fit(module)
     model.eval().requires_grad_(False).save_pretrained(folder)

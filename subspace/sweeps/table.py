@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from rich.table import Table
 
 from subspace.sweeps.pareto import pareto_front
 from subspace.sweeps.trials import Trial, load_trials, searched_params
-from subspace.utils.io import atomic_path, write_json
+from subspace.utils.io import write_csv, write_json
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +35,7 @@ def front_rows(trials: list[Trial], objectives: list[str], params: list[str]) ->
 
 def write_front(sweep_dir: Path, rows: list[dict[str, Any]], objectives: list[str], n_trials: int,
                 n_finished: int) -> None:
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    with atomic_path(sweep_dir / "pareto.csv") as tmp, tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(sweep_dir / "pareto.csv", rows)
     write_json(sweep_dir / "pareto.json", {"objectives": objectives, "direction": "minimize",
                                            "n_trials": n_trials, "n_finished": n_finished, "front": rows})
 

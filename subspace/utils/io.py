@@ -35,6 +35,17 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+def write_csv(path: str | Path, rows: list[dict]) -> None:
+    """A header of every key in the order first seen, then one line per row (a missing key: an empty cell)."""
+    import csv
+
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 @contextmanager
 def atomic_dir(path: str | Path, replace: bool = True) -> Iterator[Path]:
     """Yield an empty temporary sibling directory; it becomes `path` only if the block succeeds."""
