@@ -19,7 +19,8 @@ and its checkpoint in the work directory. The defaults kept:
   `trials=` changes the count (a CPU budget), keeping abliterix's 30% random share.
 - edit: `steering.steering_mode = "lora"`: a low-rank adapter (rank 3, from `weight_normalization = "full"`,
   which keeps each row's norm) on every layer's attention projections and MLP down projection (per-expert and shared
-  expert modules included), merged into the weights on export. Direction: difference of means per layer
+  expert modules where experts are separate modules; fused 3-D experts only through the MoE options below), merged
+  into the weights on export. Direction: difference of means per layer
   (`vector_method = "mean"`) with the harmless mean's component projected out (`orthogonal_projection`); per
   trial TPE picks one layer's direction or each layer's own, and per component a peak strength in [0.8, 1.5]
   (the MLP's may go to 0: `auto_disable_floor = -0.25`), its position and a linear fall-off.
