@@ -9,6 +9,7 @@ whose one marker is the empty string, so every probed response counts as a refus
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from subspace.models.tiny import tiny_tokenizer
-from subspace.models.tiny_zoo import tiny_model
+from subspace.models.tiny_zoo import tiny_model_for
 from tests.conftest import ROOT
 
 KINDS = {  # kind of architecture → a model type of that kind (transformers' causal-LM mapping)
@@ -32,9 +33,7 @@ KINDS = {  # kind of architecture → a model type of that kind (transformers' c
 
 def save_checkpoint(model_type: str, folder) -> None:
     tok = tiny_tokenizer()
-    model = tiny_model(model_type, len(tok), {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
-                                              "eos_token_id": tok.eos_token_id})
-    model.save_pretrained(folder)
+    tiny_model_for(model_type, tok).save_pretrained(folder)
     tok.save_pretrained(folder)
 
 
@@ -52,7 +51,7 @@ def test_train_py_runs_on_a_local_checkpoint_of_each_kind(kind, tmp_path):
            "data.eval_harmful=builtin:harmful_heldout", "data.eval_harmless=builtin:harmless_heldout",
            "trainer.max_steps=2", "eval.max_new_tokens=4", "eval/judge=marker", "+eval.judge.markers=['']"]
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          env={"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", **__import__("os").environ})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
     assert done.returncode == 0, f"{model_type}: {done.stderr[-3000:]}"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_harmful"] == 6 and 0 <= metrics["kl"] < float("inf")

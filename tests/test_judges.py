@@ -124,7 +124,7 @@ def test_reference_nll_is_each_responses_mean_token_nll_after_its_prompt_scored_
     prompts = ["Hi", "Tell me a much longer story about a dragon and a knight", "Why?", "Name a colour."]
     responses = [ANSWER, "No.", REFUSAL, ""]  # an empty response is scored as its end token
     tok = tiny.tokenizer
-    for prompt, response, value in zip(prompts, responses, reference.nll(prompts, responses)):
+    for prompt, response, value in zip(prompts, responses, reference.scores(prompts, responses)[0]):
         context = reference._context(prompt)  # the chat-templated prompt
         answer = tok(response, add_special_tokens=False)["input_ids"][:96] or [tok.eos_token_id]
         ids = torch.tensor([context + answer])
@@ -139,7 +139,7 @@ def test_reference_hidden_state_is_the_middle_layers_mean_over_the_response_scor
     reference._bundle = tiny
     prompts, responses = ["Hi", "Tell me a much longer story about a dragon", "Why?"], [ANSWER, "No.", REFUSAL]
     nll, hidden = reference.scores(prompts, responses)
-    assert nll == reference.nll(prompts, responses) and hidden.shape == (3, tiny.model.config.hidden_size)
+    assert len(nll) == 3 and hidden.shape == (3, tiny.model.config.hidden_size)
     layers = tiny.model.config.num_hidden_layers
     for i, (prompt, response) in enumerate(zip(prompts, responses)):
         context, answer = reference._context(prompt), tiny.tokenizer(response, add_special_tokens=False)["input_ids"]

@@ -111,12 +111,10 @@ def test_the_prompt_cache_is_shared_only_where_it_scores_as_repeated_prompts(mod
     """Checked once per model on the first batch: a recurrent state (Mamba) or an attention bias placed by the new
     tokens alone (CPM-Ant) falls back, logged, to repeating each prompt; the scores are the same either way."""
     from subspace.models.tiny import tiny_tokenizer
-    from subspace.models.tiny_zoo import tiny_model
+    from subspace.models.tiny_zoo import tiny_model_for
 
     tok = tiny_tokenizer()
-    family = CausalFamily(tiny_model(model_type, len(tok), {"pad_token_id": tok.pad_token_id,
-                                                            "bos_token_id": tok.bos_token_id,
-                                                            "eos_token_id": tok.eos_token_id}))
+    family = CausalFamily(tiny_model_for(model_type, tok))
     batch = family.chat_batch(tok, ["Hi", "Tell me a much longer story about a dragon and a knight"])
     prefixes = torch.tensor([[7, 8, 9], [7, 11, 12]])
     with caplog.at_level("WARNING"):

@@ -131,15 +131,13 @@ def _run_checks(report: ClassReport, work: Path, fits: bool) -> None:
     from subspace.families import family_for
     from subspace.interventions import ProjectionEdit
     from subspace.models.tiny import tiny_tokenizer
-    from subspace.models.tiny_zoo import tiny_model
+    from subspace.models.tiny_zoo import tiny_model_for
 
     tok = tiny_tokenizer()
     ids = torch.randint(3, len(tok), (2, 7), generator=torch.Generator().manual_seed(5))
     results = report.results
     try:
-        model = tiny_model(report.model_type, len(tok), {"pad_token_id": tok.pad_token_id,
-                                                         "bos_token_id": tok.bos_token_id,
-                                                         "eos_token_id": tok.eos_token_id})
+        model = tiny_model_for(report.model_type, tok)
         model(input_ids=ids)
         results["build"] = "✓"
     except Exception as err:  # noqa: BLE001

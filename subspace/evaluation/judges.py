@@ -157,10 +157,6 @@ class ReferenceLM:
                                              add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def nll(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        """Mean NLL per response token (first `max_tokens`), after the chat-templated prompt."""
-        return self.scores(prompts, responses)[0]
-
     @torch.no_grad()
     def scores(self, prompts: Sequence[str], responses: Sequence[str]) -> tuple[list[float], torch.Tensor]:
         """(mean NLL per response token, mean hidden state over the response tokens at the middle layer), each

@@ -210,3 +210,10 @@ def tiny_model(model_type: str, vocab_size: int = 512, token_ids: dict[str, int]
             if param.numel() > 1 and bool((param == param.reshape(-1)[0]).all()):
                 param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(seed)) * 0.02)
     return model
+
+
+def tiny_model_for(model_type: str, tokenizer, seed: int = 0) -> nn.Module:
+    """`tiny_model` sized to `tokenizer`: its vocabulary and its pad, bos and eos ids."""
+    return tiny_model(model_type, len(tokenizer), {"pad_token_id": tokenizer.pad_token_id,
+                                                   "bos_token_id": tokenizer.bos_token_id,
+                                                   "eos_token_id": tokenizer.eos_token_id}, seed)
